@@ -1,0 +1,54 @@
+# The README's commands. `make help` lists them.
+# Every target uses the project's own virtual environment (.venv): nothing to
+# activate by hand, and DVC's stage commands (`python -m mnist_mlops ...`) find
+# the same interpreter because .venv/bin comes first on PATH.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+PORT ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help install repro test test-fast lint format params ui benchmark clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv with the locked dependencies
+
+repro: install ## Run the pipeline end to end (dvc repro)
+	dvc repro
+
+test: install lint ## Run the whole test suite, slow tests included
+	pytest
+
+test-fast: install ## Run the tests without the slow real-data ones
+	pytest -m "not slow"
+
+lint: install ## Check formatting and lint with ruff
+	ruff check .
+	ruff format --check .
+
+format: install ## Format and fix with ruff
+	ruff format .
+	ruff check --fix .
+
+params: install ## Re-compose params.yaml from conf/ (what `dvc exp run` does)
+	python -c "import os; from dvc.utils.hydra import compose_and_dump; \
+	compose_and_dump('params.yaml', os.path.abspath('conf'), None, 'config', '.', [])"
+
+ui: install ## Open the MLflow UI on the embedded store (http://127.0.0.1:$(PORT))
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
+
+benchmark: install ## Time the seed script against a cold and a no-op dvc repro
+	python benchmarks/pipeline.py
+
+clean: ## Remove the virtual environment and caches (keeps data, runs and models)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

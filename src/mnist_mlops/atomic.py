@@ -1,0 +1,68 @@
+"""Atomic writes: a result appears complete under its final name, or not at all."""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it to `target` on success.
+
+    The temporary name keeps `target`'s suffix, because some writers (Keras's
+    `model.save`) choose the format by it. On error the temporary file is
+    removed and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.stem}.", suffix=f".partial{target.suffix}"
+    )
+    os.close(handle)
+    temporary = Path(name)
+    # mkstemp creates the file private (0600); results get the usual permissions.
+    os.chmod(temporary, 0o666 & ~_umask())
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; swap it in on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    os.chmod(temporary, 0o777 & ~_umask())
+    try:
+        yield temporary
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, retired / target.name)
+            os.replace(temporary, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(temporary, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def write_text(target: Path, text: str) -> None:
+    with atomic_path(target) as temporary:
+        temporary.write_text(text)
+
+
+def write_json(target: Path, value: object) -> None:
+    write_text(target, json.dumps(value, indent=2, sort_keys=True) + "\n")

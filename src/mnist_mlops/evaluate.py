@@ -1,0 +1,117 @@
+"""Stage `evaluate`: score the trained model on the test set, in the training run.
+
+Writes reports/metrics.json (DVC metrics), per-class accuracy, and every
+test prediction as a CSV that DVC draws as a confusion matrix; logs the same
+numbers and a confusion-matrix image to the MLflow run that trained the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+
+from mnist_mlops import tracking
+from mnist_mlops.atomic import write_json, write_text
+from mnist_mlops.config import Config
+from mnist_mlops.models import NUM_CLASSES, import_keras
+from mnist_mlops.paths import METRICS_FILE, MODEL_FILE, PER_CLASS_FILE, PREDICTIONS_FILE, RUN_FILE
+from mnist_mlops.preprocess import load_split
+
+PREDICT_BATCH_SIZE = 1000
+# Keras clips probabilities to this before taking logs in its cross-entropy.
+_EPSILON = 1e-7
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Counts indexed [true digit, predicted digit]."""
+    pairs = labels.astype(np.int64) * NUM_CLASSES + predicted
+    return np.bincount(pairs, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """Test loss, accuracy and per-class accuracy from the predicted probabilities."""
+    predicted = probabilities.argmax(axis=1)
+    chosen = probabilities[np.arange(len(labels)), labels]
+    matrix = confusion_matrix(labels, predicted)
+    class_totals = matrix.sum(axis=1)
+    per_class = {
+        str(digit): float(matrix[digit, digit] / class_totals[digit])
+        for digit in range(NUM_CLASSES)
+        if class_totals[digit]
+    }
+    return {
+        "test_loss": float(-np.log(np.clip(chosen, _EPSILON, 1 - _EPSILON)).mean()),
+        "test_accuracy": float((predicted == labels).mean()),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix,
+        "predicted": predicted,
+    }
+
+
+def predictions_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(zip(labels.tolist(), predicted.tolist(), strict=True))
+    return buffer.getvalue()
+
+
+def confusion_figure(matrix: np.ndarray):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 5.5))
+    image = axes.imshow(matrix, cmap="Blues")
+    for (actual, predicted), count in np.ndenumerate(matrix):
+        color = "white" if count > matrix.max() / 2 else "black"
+        axes.text(predicted, actual, str(count), ha="center", va="center", fontsize=7, color=color)
+    axes.set(
+        xticks=range(NUM_CLASSES),
+        yticks=range(NUM_CLASSES),
+        xlabel="predicted digit",
+        ylabel="true digit",
+        title="Confusion matrix (test set)",
+    )
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    return figure
+
+
+def evaluate(config: Config) -> dict[str, float]:
+    """Evaluate models/model.keras on the test split; return test_accuracy and test_loss."""
+    import mlflow
+
+    keras = import_keras()
+    run_id = json.loads(RUN_FILE.read_text())["run_id"]
+    network = keras.saving.load_model(MODEL_FILE)
+    images, labels = load_split("test")
+    probabilities = network.predict(images, batch_size=PREDICT_BATCH_SIZE, verbose=0)
+    result = score(labels, probabilities)
+    metrics = {name: result[name] for name in ("test_accuracy", "test_loss")}
+
+    write_json(PER_CLASS_FILE, result["per_class_accuracy"])
+    write_text(PREDICTIONS_FILE, predictions_csv(labels, result["predicted"]))
+    tracking.use_experiment(config.mlflow.experiment_name)
+    with tracking.active_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(
+            {
+                f"test_accuracy_digit_{digit}": value
+                for digit, value in result["per_class_accuracy"].items()
+            }
+        )
+        mlflow.log_figure(confusion_figure(result["confusion_matrix"]), "confusion_matrix.png")
+        mlflow.log_dict(result["per_class_accuracy"], "per_class_accuracy.json")
+    # The metrics file is written last: DVC and users read it as the sign of a
+    # complete evaluation.
+    write_json(METRICS_FILE, metrics)
+    print(
+        f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} "
+        f"(MLflow run {run_id})"
+    )
+    return metrics

@@ -1,0 +1,161 @@
+"""Model and optimizer builders, chosen by name from the config.
+
+Each entry is a small dataclass: its fields are the options a YAML file in
+`conf/model/` or `conf/optimizer/` may set (the config schema), and its
+`build()` makes the Keras object. Adding an architecture means one YAML file
+and one class here, registered in MODELS.
+
+Keras is imported inside the builders, so that reading and validating the
+config never waits for TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+# TensorFlow's native libraries log these on every start, before its own log
+# level applies (absl logging is not initialised yet). Only these lines are
+# dropped; any other native message, warning or error still reaches stderr.
+_NATIVE_NOISE = re.compile(
+    r"^(I\d{4} \S+ +\d+ \S+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|E\d{4} \S+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit)"
+)
+
+
+@contextmanager
+def _without_native_noise() -> Iterator[None]:
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _NATIVE_NOISE.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def import_keras():
+    """Import Keras on TensorFlow with the start-up chatter kept out of the way."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _without_native_noise():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        import keras
+    return keras
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """The seed's network: Dense(512, relu) then Dense(10, softmax)."""
+
+    hidden_units: int = 512
+
+    def __post_init__(self) -> None:
+        if self.hidden_units <= 0:
+            raise ValueError(f"hidden_units must be positive, got {self.hidden_units}")
+
+    def build(self) -> keras.Model:
+        keras = import_keras()
+        layers = keras.layers
+        inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
+        # The scaling lives in the model, so that serving feeds raw 0–255 pixels
+        # exactly as training did.
+        scaled = layers.Rescaling(1 / 255)(inputs)
+        flat = layers.Flatten()(scaled)
+        hidden = layers.Dense(self.hidden_units, activation="relu")(flat)
+        outputs = layers.Dense(NUM_CLASSES, activation="softmax")(hidden)
+        return keras.Model(inputs, outputs, name="mlp")
+
+
+@dataclass(frozen=True)
+class Cnn:
+    """A small convnet after keras-io's mnist_convnet example."""
+
+    filters: list[int] = field(default_factory=lambda: [32, 64])
+    kernel_size: int = 3
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.filters or any(count <= 0 for count in self.filters):
+            raise ValueError(f"filters must be positive counts, got {list(self.filters)}")
+        if self.kernel_size <= 0:
+            raise ValueError(f"kernel_size must be positive, got {self.kernel_size}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def build(self) -> keras.Model:
+        keras = import_keras()
+        layers = keras.layers
+        inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
+        x = layers.Rescaling(1 / 255)(inputs)
+        x = layers.Reshape((*IMAGE_SHAPE, 1))(x)
+        for filter_count in self.filters:
+            x = layers.Conv2D(filter_count, self.kernel_size, activation="relu")(x)
+            x = layers.MaxPooling2D(pool_size=2)(x)
+        x = layers.Flatten()(x)
+        x = layers.Dropout(self.dropout)(x)
+        outputs = layers.Dense(NUM_CLASSES, activation="softmax")(x)
+        return keras.Model(inputs, outputs, name="cnn")
+
+
+@dataclass(frozen=True)
+class _Optimizer:
+    learning_rate: float
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class RMSprop(_Optimizer):
+    learning_rate: float = 0.001
+
+    def build(self) -> keras.optimizers.Optimizer:
+        return import_keras().optimizers.RMSprop(learning_rate=self.learning_rate)
+
+
+@dataclass(frozen=True)
+class Adam(_Optimizer):
+    learning_rate: float = 0.001
+
+    def build(self) -> keras.optimizers.Optimizer:
+        return import_keras().optimizers.Adam(learning_rate=self.learning_rate)
+
+
+MODELS = {"mlp": Mlp, "cnn": Cnn}
+OPTIMIZERS = {"rmsprop": RMSprop, "adam": Adam}
+
+
+def build_model(model: Mlp | Cnn, optimizer: _Optimizer) -> keras.Model:
+    """The compiled network: the seed's loss and metric with the chosen optimizer."""
+    network = model.build()
+    network.compile(
+        optimizer=optimizer.build(),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return network

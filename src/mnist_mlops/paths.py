@@ -1,0 +1,47 @@
+"""Every file and folder the pipeline reads or writes, in one place.
+
+Stage paths are relative to the working directory, which DVC sets to the
+project root (or to the temporary copy of it that `dvc exp run --queue` uses).
+The MLflow store is anchored to `project_root()` instead, so that runs from
+temporary copies land in the same store.
+"""
+
+import os
+from pathlib import Path
+
+CONFIG_DIR = Path("conf")
+PARAMS_FILE = Path("params.yaml")
+
+DATA_DIR = Path("data")
+RAW_DATA_DIR = DATA_DIR / "raw"
+PROCESSED_DATA_DIR = DATA_DIR / "processed"
+PROCESSED_MANIFEST = PROCESSED_DATA_DIR / "manifest.json"
+SPLITS = ("train", "validation", "test")
+
+MODELS_DIR = Path("models")
+MODEL_FILE = MODELS_DIR / "model.keras"
+RUN_FILE = MODELS_DIR / "mlflow_run.json"
+
+REPORTS_DIR = Path("reports")
+TRAINING_CURVES_FILE = REPORTS_DIR / "training.csv"
+METRICS_FILE = REPORTS_DIR / "metrics.json"
+PER_CLASS_FILE = REPORTS_DIR / "per_class_accuracy.json"
+PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
+
+MLFLOW_DB_NAME = "mlflow.db"
+MLFLOW_ARTIFACTS_NAME = "mlartifacts"
+
+
+def processed_split_file(split: str) -> Path:
+    """The arrays of one split (`train`, `validation` or `test`)."""
+    return PROCESSED_DATA_DIR / f"{split}.npz"
+
+
+def project_root() -> Path:
+    """The repository that runs belong to.
+
+    DVC sets DVC_ROOT for every stage, and for queued or `--temp` experiments it
+    points at the parent repository rather than the temporary copy, which is
+    deleted afterwards. Outside DVC the working directory is the project root.
+    """
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()

@@ -1,0 +1,166 @@
+"""MLflow tracking: where runs are stored, how a stage opens one, what every run records.
+
+By default runs go to an embedded store at the project root: SQLite in
+`mlflow.db`, artifacts in `mlartifacts/`. The root comes from `project_root()`,
+so experiments that DVC runs in temporary copies land in the same store.
+MLFLOW_TRACKING_URI, when set, wins (for example a tracking server).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mnist_mlops.models import IMAGE_SHAPE, NUM_CLASSES
+from mnist_mlops.paths import MLFLOW_ARTIFACTS_NAME, MLFLOW_DB_NAME, project_root
+
+if TYPE_CHECKING:
+    import keras
+    import mlflow
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+MODEL_ARTIFACT = "model"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the embedded SQLite store at the project root."""
+    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{project_root() / MLFLOW_DB_NAME}"
+
+
+def use_experiment(name: str) -> str:
+    """Point MLflow at the tracking store and the experiment `name`, creating it if needed."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
+    embedded = not os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        # Without an explicit location MLflow would put the embedded store's
+        # artifacts in ./mlruns, relative to wherever the stage happens to run.
+        location = (project_root() / MLFLOW_ARTIFACTS_NAME).as_uri() if embedded else None
+        try:
+            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            # Another process created it between our lookup and our create.
+            experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def active_run(**start_run_arguments) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume) a run and always end it: FINISHED, FAILED, or KILLED when interrupted.
+
+    MLflow's own context manager marks an interrupted run FAILED, and a plain
+    SIGTERM (what DVC and process managers send) would end the process without
+    ending the run at all, leaving it RUNNING forever.
+    """
+    import mlflow
+
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    run = mlflow.start_run(**start_run_arguments)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _git(*arguments: str) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", *arguments], capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip()
+
+
+def provenance_tags(data_digest: str) -> dict[str, str]:
+    """Tags that lead from a run back to its code, its DVC experiment and its data."""
+    tags = {"data.digest": data_digest}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["git.commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+        changes = _git("status", "--porcelain", "--untracked-files=no")
+        tags["git.dirty"] = str(bool(changes)).lower()
+    for variable, tag in (
+        ("DVC_EXP_NAME", "dvc.exp_name"),
+        ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"),
+        ("DVC_STAGE", "dvc.stage"),
+    ):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
+    return tags
+
+
+def model_signature() -> mlflow.models.ModelSignature:
+    """Input: a batch of raw 28×28 images with pixels in 0–255; output: 10 probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """The exact versions the model was trained with.
+
+    Listing them is also much faster than MLflow's inference, which reloads
+    the model in a subprocess to see what it imports.
+    """
+    return [f"{name}=={metadata.version(name)}" for name in ("mlflow", "tensorflow", "keras")]
+
+
+def _save_keras_model(path: str, **save_arguments) -> None:
+    import mlflow.keras
+
+    # mlflow 3.17's Keras flavor writes input_example.json before it creates
+    # the model folder, so any input example fails with FileNotFoundError.
+    # Creating the folder first lets the flavor save the example as designed.
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **save_arguments)
+
+
+# Model.log takes any object with a save_model function and names the flavor
+# after its __name__; this one is the Keras flavor with the fix above.
+_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
+
+
+def log_keras_model(model: keras.Model, input_example: np.ndarray) -> mlflow.models.model.ModelInfo:
+    """Log `model` to the active run with the Keras flavor, its signature and an input example."""
+    from mlflow.models import Model
+
+    return Model.log(
+        artifact_path=None,
+        name=MODEL_ARTIFACT,
+        flavor=_KERAS_FLAVOR,
+        model=model,
+        signature=model_signature(),
+        input_example=input_example.astype(np.float32),
+        pip_requirements=pip_requirements(),
+    )

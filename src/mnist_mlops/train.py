@@ -1,0 +1,146 @@
+"""Stage `train`: fit the configured network and record the run in MLflow.
+
+Two entry points share `train(config, outputs)`:
+
+- the DVC stage, `python -m mnist_mlops train`, reads params.yaml (what DVC
+  composed from conf/, including `dvc exp run -S` overrides);
+- the Hydra app, `python -m mnist_mlops.train model=cnn train.epochs=1` (and
+  `-m` for multirun), composes conf/ itself for quick runs without DVC and
+  writes into Hydra's output folder instead of the DVC outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_mlops import tracking
+from mnist_mlops.atomic import atomic_path, write_json, write_text
+from mnist_mlops.config import Config, ConfigError, validate
+from mnist_mlops.models import build_model, import_keras
+from mnist_mlops.paths import CONFIG_DIR, MODEL_FILE, RUN_FILE, TRAINING_CURVES_FILE
+from mnist_mlops.preprocess import load_manifest, load_split
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    model_file: Path = MODEL_FILE
+    run_file: Path = RUN_FILE
+    curves_file: Path = TRAINING_CURVES_FILE
+
+    @classmethod
+    def inside(cls, directory: Path) -> TrainOutputs:
+        return cls(
+            directory / MODEL_FILE.name, directory / RUN_FILE.name, directory / "training.csv"
+        )
+
+
+def _epoch_logger():
+    """A Keras callback that logs each epoch's metrics to the active MLflow run."""
+    import mlflow
+
+    keras = import_keras()
+
+    class EpochMetrics(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            mlflow.log_metrics(
+                {name: float(value) for name, value in (logs or {}).items()}, step=epoch
+            )
+
+    return EpochMetrics()
+
+
+def curves_csv(history: dict[str, list[float]]) -> str:
+    """Per-epoch metrics as CSV, one row per epoch (a DVC plot)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["epoch", *EPOCH_METRICS])
+    epochs = len(history["loss"])
+    for epoch in range(epochs):
+        writer.writerow([epoch + 1, *(f"{history[name][epoch]:.6f}" for name in EPOCH_METRICS)])
+    return buffer.getvalue()
+
+
+def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, float]:
+    """Fit the model, save it to `outputs`, log the run to MLflow; return the final metrics."""
+    import mlflow
+
+    keras = import_keras()
+    keras.utils.set_random_seed(config.train.seed)
+    train_images, train_labels = load_split("train")
+    validation_images, validation_labels = load_split("validation")
+    data_digest = load_manifest()["digest"]
+    network = build_model(config.model, config.optimizer)
+
+    experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
+    with tracking.active_run() as run:
+        mlflow.log_params(config.flat_params())
+        mlflow.set_tags(tracking.provenance_tags(data_digest))
+        mlflow.log_input(
+            mlflow.data.from_numpy(train_images, name="mnist-train", digest=data_digest[:16]),
+            context="training",
+        )
+        started = time.perf_counter()
+        history = network.fit(
+            train_images,
+            train_labels,
+            validation_data=(validation_images, validation_labels),
+            epochs=config.train.epochs,
+            batch_size=config.train.batch_size,
+            callbacks=[_epoch_logger()],
+            verbose=2,
+        )
+        fit_seconds = time.perf_counter() - started
+        mlflow.log_metric("fit_seconds", fit_seconds)
+
+        # From here on Keras's progress bars (MLflow checks the input example
+        # with model.predict) would only clutter the stage's output.
+        keras.config.disable_interactive_logging()
+        with atomic_path(outputs.model_file) as temporary:
+            network.save(temporary)
+        model_info = tracking.log_keras_model(network, validation_images[:1])
+        curves = curves_csv(history.history)
+        write_text(outputs.curves_file, curves)
+        mlflow.log_text(curves, "training.csv")
+        write_json(
+            outputs.run_file,
+            {
+                "run_id": run.info.run_id,
+                "experiment_id": experiment_id,
+                "model_uri": f"runs:/{run.info.run_id}/{tracking.MODEL_ARTIFACT}",
+                "logged_model_uri": model_info.model_uri,
+            },
+        )
+    final = {name: float(values[-1]) for name, values in history.history.items()}
+    print(
+        f"trained {config.model_name} for {config.train.epochs} epochs in {fit_seconds:.1f} s: "
+        f"val_accuracy {final['val_accuracy']:.4f}; MLflow run {run.info.run_id}"
+    )
+    return final
+
+
+def _hydra_app() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR.resolve()), config_name="config")
+    def app(composed: DictConfig) -> float:
+        try:
+            config = validate(OmegaConf.to_container(composed, resolve=True))
+        except ConfigError as error:
+            sys.exit(f"invalid config: {error}")
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        return train(config, TrainOutputs.inside(output_dir))["val_accuracy"]
+
+    app()
+
+
+if __name__ == "__main__":
+    _hydra_app()

@@ -1,0 +1,206 @@
+"""Shared fixtures: tiny MNIST in the real file formats, a composed config, a project copy.
+
+Everything is real: the data files are genuine `.npz` and gzip IDX files, the
+config is composed from conf/ by Hydra, the MLflow store is SQLite in tmp_path,
+and HTTP goes over 127.0.0.1.
+"""
+
+import gzip
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mnist_mlops.config import Config, validate
+from mnist_mlops.fetch import IDX_FILES, NPZ_FILE
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
+PROJECT_FILES = (
+    "conf",
+    "src",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".gitignore",
+    "pyproject.toml",
+)
+TRAIN_EXAMPLES = 200
+TEST_EXAMPLES = 50
+
+
+def tiny_mnist(train_examples: int = TRAIN_EXAMPLES, test_examples: int = TEST_EXAMPLES, seed=0):
+    """Learnable fake digits: each class lights its own band of rows, plus noise."""
+    generator = np.random.default_rng(seed)
+
+    def split(count: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(count, dtype=np.uint8) % 10
+        generator.shuffle(labels)
+        images = generator.integers(0, 60, size=(count, 28, 28), dtype=np.uint8)
+        for index, label in enumerate(labels):
+            images[index, 2 + 2 * label : 5 + 2 * label, 4:24] = 255
+        return images, labels
+
+    return split(train_examples), split(test_examples)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    magic = (0x08 << 8) | array.ndim
+    header = magic.to_bytes(4, "big") + b"".join(size.to_bytes(4, "big") for size in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mirror(directory: Path, data=None) -> dict[str, str]:
+    """Write tiny MNIST as mnist.npz, the four IDX files and SHA256SUMS; return the checksums."""
+    (train_images, train_labels), (test_images, test_labels) = data or tiny_mnist()
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        directory / NPZ_FILE,
+        x_train=train_images,
+        y_train=train_labels,
+        x_test=test_images,
+        y_test=test_labels,
+    )
+    arrays = {
+        "train_images": train_images,
+        "train_labels": train_labels,
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
+    for key, name in IDX_FILES.items():
+        (directory / name).write_bytes(gzip.compress(idx_bytes(arrays[key]), mtime=0))
+    checksums = {
+        name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        for name in [NPZ_FILE, *IDX_FILES.values()]
+    }
+    (directory / "SHA256SUMS").write_text(
+        "".join(f"{digest}  {name}\n" for name, digest in checksums.items())
+    )
+    return checksums
+
+
+@pytest.fixture
+def mirror(tmp_path) -> Path:
+    directory = tmp_path / "mirror"
+    write_mirror(directory)
+    return directory
+
+
+def compose_config(*overrides: str) -> dict:
+    """Compose conf/ exactly as DVC does, with Hydra overrides."""
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+        composed = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(composed, resolve=True)
+
+
+def tiny_overrides(source: Path | str) -> list[str]:
+    return [
+        f"data.source={source}",
+        "data.sha256sums=SHA256SUMS",
+        "data.train_examples=null",
+        "data.test_examples=null",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "data.retries=1",
+        "data.timeout_seconds=2",
+    ]
+
+
+@pytest.fixture
+def config(mirror) -> Config:
+    return validate(compose_config(*tiny_overrides(mirror)))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A project folder as the working directory, with its own MLflow store."""
+    directory = tmp_path / "project"
+    directory.mkdir()
+    monkeypatch.chdir(directory)
+    for variable in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "MNIST_MIRROR"):
+        monkeypatch.delenv(variable, raising=False)
+    yield directory
+    import mlflow
+
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for the project's commands: this venv first, no telemetry."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "DVC_")) and key != "MNIST_MIRROR"
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        TF_CPP_MIN_LOG_LEVEL="2",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+    )
+    env.update(extra)
+    return env
+
+
+def run(command: list[str], cwd: Path, env: dict, check: bool = True):
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A copy of this project in a fresh git repository, as a user's clone would be."""
+    directory = tmp_path / "clone"
+    directory.mkdir()
+    for name in PROJECT_FILES:
+        source = REPO_ROOT / name
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(
+                source, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
+        else:
+            shutil.copy2(source, target)
+    env = subprocess_env()
+    run(["git", "init", "-q", "-b", "main"], directory, env)
+    run(["git", "add", "-A"], directory, env)
+    run(["git", "commit", "-q", "-m", "clone"], directory, env)
+    return directory
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def http_mirror(mirror):
+    """Serve the tiny mirror over HTTP on 127.0.0.1; yields its base URL."""
+    handler = lambda *args: _QuietHandler(*args, directory=str(mirror))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
