@@ -115,18 +115,26 @@ def check_split(name: str, images: np.ndarray, labels: np.ndarray, expected: int
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-    """Indices (train, validation) holding out `fraction` of every class, reproducibly."""
-    generator = np.random.default_rng(seed)
-    validation = []
-    for digit in range(NUM_CLASSES):
-        members = np.flatnonzero(labels == digit)
-        count = round(len(members) * fraction)
-        validation.append(generator.permutation(members)[:count])
-    validation_indices = np.sort(np.concatenate(validation))
-    if len(validation_indices) in (0, len(labels)):
+    """Indices (train, validation), holding out `fraction` of every class, reproducibly.
+
+    The validation set has exactly round(fraction × examples) members; classes
+    whose share has the largest remainder take the leftover places.
+    """
+    class_counts = np.bincount(labels, minlength=NUM_CLASSES)
+    exact_shares = class_counts * fraction
+    quotas = np.floor(exact_shares).astype(int)
+    leftover = round(len(labels) * fraction) - quotas.sum()
+    quotas[np.argsort(quotas - exact_shares, kind="stable")[:leftover]] += 1
+    if quotas.sum() in (0, len(labels)):
         raise DataError(
             f"a validation fraction of {fraction} leaves an empty split of {len(labels)} examples"
         )
+    generator = np.random.default_rng(seed)
+    validation = [
+        generator.permutation(np.flatnonzero(labels == digit))[:quota]
+        for digit, quota in enumerate(quotas)
+    ]
+    validation_indices = np.sort(np.concatenate(validation))
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[validation_indices] = False
     return np.flatnonzero(train_mask), validation_indices

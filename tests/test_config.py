@@ -1,0 +1,101 @@
+"""The config: conf/ composes into params.yaml, every option builds, bad values stop early."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from dvc.utils.hydra import compose_and_dump
+
+from mnist_mlops.config import ConfigError, load_params, validate
+from mnist_mlops.models import MODELS, OPTIMIZERS, build_model
+
+from .conftest import REPO_ROOT, compose_config, subprocess_env
+
+
+def test_params_yaml_is_what_conf_composes_to(tmp_path):
+    composed = tmp_path / "params.yaml"
+    compose_and_dump(composed, str(REPO_ROOT / "conf"), None, "config", str(REPO_ROOT), [])
+    assert yaml.safe_load(composed.read_text()) == yaml.safe_load(
+        (REPO_ROOT / "params.yaml").read_text()
+    ), "params.yaml drifted from conf/: run `make params`"
+
+
+def test_default_composition_is_the_seed():
+    config = load_params(REPO_ROOT / "params.yaml")
+    assert config.model_name == "mlp" and config.model.hidden_units == 512
+    assert config.raw["optimizer"]["name"] == "rmsprop"
+    assert (config.train.epochs, config.train.batch_size) == (5, 128)
+
+
+def test_dvc_yaml_params_exist_in_params_yaml():
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for stage in stages.values():
+        for dotted in stage.get("params", []):
+            node = params
+            for key in dotted.split("."):
+                assert key in node, f"dvc.yaml names {dotted}, which params.yaml lacks"
+                node = node[key]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_every_group_option_composes_and_builds(model, optimizer):
+    config = validate(compose_config(f"model={model}", f"optimizer={optimizer}"))
+    network = build_model(config.model, config.optimizer)
+    assert network.input_shape == (None, 28, 28)
+    assert network.output_shape == (None, 10)
+    assert network.optimizer.__class__.__name__.lower() == optimizer
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model.name=transformer",
+            "model.name: unknown model 'transformer'; choose one of cnn, mlp",
+        ),
+        ("train.epochs=0", "train.epochs must be positive, got 0"),
+        ("train.epochs=-3", "train.epochs must be positive, got -3"),
+        ("optimizer.learning_rate=-0.1", "optimizer.learning_rate must be positive"),
+        ("train.batch_size=lots", "train.batch_size: Value 'lots' of type 'str' could not be"),
+        ("+train.epoch=3", "train.epoch: Key 'epoch' not in 'TrainConfig'"),
+        ("train.validation_fraction=1.5", "validation_fraction must be between 0 and 1"),
+        ("data.format=zip", "data.format must be one of auto, npz, idx"),
+        ("model.hidden_units=2.5", "model.hidden_units: Value '2.5' of type 'float'"),
+    ],
+)
+def test_bad_values_give_one_clear_message(override, message):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config(override))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_stage_with_bad_params_stops_before_tensorflow_loads(tmp_path):
+    raw = compose_config("train.epochs=0")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    probe = (
+        "import sys\n"
+        "from mnist_mlops.__main__ import main\n"
+        "code = main(['train'])\n"
+        "print('tensorflow' in sys.modules, code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split() == ["False", "2"]
+    assert result.stderr.strip().splitlines() == [
+        "mnist-mlops train: invalid config: train.epochs must be positive, got 0"
+    ]
+
+
+def test_missing_params_file_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="not found; run from the project root"):
+        load_params(tmp_path / "params.yaml")
