@@ -1,0 +1,126 @@
+"""Benchmark: what tracking and caching cost over the plain seed script.
+
+On this machine, in one run, it times
+  (a) the seed's plain Keras script (benchmarks/seed.py),
+  (b) a cold `dvc repro` of this pipeline (fresh clone: no DVC cache, no
+      MLflow store) on the real data from a mirror,
+  (c) a no-op `dvc repro` right after it,
+and compares the train stage's `fit` with the seed's `fit`.
+
+    python benchmarks/pipeline.py [--mirror DIR] [--repeat N]
+
+The mirror defaults to $MNIST_MIRROR, else ../shared/data/mnist. Timings are
+medians over --repeat runs.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, str]:
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    return elapsed, result.stdout
+
+
+def fresh_clone(destination: Path, env: dict) -> Path:
+    clone = destination / "clone"
+    subprocess.run(["git", "clone", "-q", str(PROJECT), str(clone)], check=True, env=env)
+    # Benchmark the working tree as it is, committed or not.
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=PROJECT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in tracked:
+        if (PROJECT / name).is_file():
+            shutil.copy2(PROJECT / name, clone / name)
+    for generated in ("dvc.lock", "reports", "models"):
+        path = clone / generated
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return clone
+
+
+def stage_fit_seconds(clone: Path) -> tuple[float, float]:
+    with sqlite3.connect(clone / "mlflow.db") as connection:
+        (fit_seconds,) = connection.execute(
+            "SELECT value FROM latest_metrics WHERE key = 'fit_seconds'"
+        ).fetchone()
+    metrics = json.loads((clone / "reports" / "metrics.json").read_text())
+    return fit_seconds, metrics["test_accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_mirror = os.environ.get("MNIST_MIRROR") or str(PROJECT.parent / "shared/data/mnist")
+    parser.add_argument("--mirror", default=default_mirror)
+    parser.add_argument("--repeat", type=int, default=1)
+    arguments = parser.parse_args()
+    mirror = str(Path(arguments.mirror).resolve())
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        MNIST_MIRROR=mirror,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
+    samples: dict[str, list[float]] = {name: [] for name in ("seed", "seed_fit", "cold", "noop")}
+    samples.update(stage_fit=[], seed_accuracy=[], pipeline_accuracy=[])
+    for _ in range(arguments.repeat):
+        seed_seconds, output = timed(
+            [sys.executable, str(PROJECT / "benchmarks" / "seed.py"), mirror], PROJECT, env
+        )
+        seed = json.loads(output.strip().splitlines()[-1])
+        with tempfile.TemporaryDirectory() as scratch:
+            clone = fresh_clone(Path(scratch), env)
+            cold_seconds, _ = timed(["dvc", "repro"], clone, env)
+            noop_seconds, noop_output = timed(["dvc", "repro"], clone, env)
+            if "Running stage" in noop_output:
+                sys.exit(f"the second dvc repro ran a stage:\n{noop_output}")
+            fit_seconds, accuracy = stage_fit_seconds(clone)
+        samples["seed"].append(seed_seconds)
+        samples["seed_fit"].append(seed["fit_seconds"])
+        samples["seed_accuracy"].append(seed["test_accuracy"])
+        samples["cold"].append(cold_seconds)
+        samples["noop"].append(noop_seconds)
+        samples["stage_fit"].append(fit_seconds)
+        samples["pipeline_accuracy"].append(accuracy)
+
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"runs: {arguments.repeat} (medians), mirror: {mirror}")
+    print(
+        f"(a) seed script            {median['seed']:7.2f} s  (fit {median['seed_fit']:.2f} s, "
+        f"test_accuracy {median['seed_accuracy']:.4f})"
+    )
+    print(
+        f"(b) cold dvc repro         {median['cold']:7.2f} s  (fit {median['stage_fit']:.2f} s, "
+        f"test_accuracy {median['pipeline_accuracy']:.4f})"
+    )
+    print(f"(c) no-op dvc repro        {median['noop']:7.2f} s")
+    print(f"(b)/(a)                    {median['cold'] / median['seed']:7.2f}   (target <= 1.3)")
+    print(f"(c)                        {median['noop']:7.2f} s (target <= 1 s)")
+    print(
+        f"train fit / seed fit       {median['stage_fit'] / median['seed_fit']:7.2f}   "
+        "(target <= 1.0; 54,000 images plus validation vs 60,000)"
+    )
+
+
+if __name__ == "__main__":
+    main()
