@@ -46,6 +46,7 @@ def fresh_clone(destination: Path, env: dict) -> Path:
     ).stdout.split()
     for name in tracked:
         if (PROJECT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT / name, clone / name)
     for generated in ("dvc.lock", "reports", "models"):
         path = clone / generated
