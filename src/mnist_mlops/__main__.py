@@ -1,11 +1,13 @@
-"""The command line: `python -m mnist_mlops STAGE` (or `mnist-mlops STAGE`).
+"""The command line: `python -m mnist_mlops COMMAND` (or `mnist-mlops COMMAND`).
 
-Each DVC stage runs one of these. The config is read from params.yaml and
-validated before any stage code (and TensorFlow) loads.
+Each DVC stage runs one of the stage commands; their config is read from
+params.yaml and validated before any stage code (and TensorFlow) loads.
+`serve` serves the registered champion over HTTP and `predict` queries it.
 """
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -16,17 +18,62 @@ STAGES = {
     "fetch": "download MNIST into data/raw and verify it",
     "preprocess": "validate data/raw and split it into data/processed",
     "train": "train the model and log the run to MLflow",
-    "evaluate": "score the model on the test set and log it to the same run",
+    "evaluate": "score the model, log it to the same run, register it behind the gate",
 }
+CHAMPION_URI = "models:/mnist-classifier@champion"
 
 
-def run_stage(stage: str, params_file: Path) -> None:
-    config = load_params(params_file)
-    module = importlib.import_module(f"mnist_mlops.{stage}")
-    if stage == "fetch":
-        module.fetch(config.data)
-    else:
-        getattr(module, stage)(config)
+def run_stage(stage: str, params_file: Path) -> int:
+    """Run one pipeline stage; errors a user can fix get one line, others their traceback."""
+    from mnist_mlops.fetch import FetchError
+    from mnist_mlops.preprocess import DataError
+
+    try:
+        config = load_params(params_file)
+        module = importlib.import_module(f"mnist_mlops.{stage}")
+        if stage == "fetch":
+            module.fetch(config.data)
+        else:
+            getattr(module, stage)(config)
+    except ConfigError as error:
+        print(f"mnist-mlops {stage}: invalid config: {error}", file=sys.stderr)
+        return 2
+    except (FetchError, DataError, FileNotFoundError) as error:
+        print(f"mnist-mlops {stage}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as interruption:
+        print(f"mnist-mlops {stage}: interrupted {interruption}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def serve(model_uri: str, host: str, port: int) -> int:
+    """Replace this process with `mlflow models serve`, on the project's tracking store."""
+    from mnist_mlops.tracking import TRACKING_URI_ENV, tracking_uri
+
+    os.environ.setdefault(TRACKING_URI_ENV, tracking_uri())
+    command = [
+        *(sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri),
+        *("--env-manager", "local", "--host", host, "-p", str(port)),
+    ]
+    os.execv(command[0], command)
+    return 1
+
+
+def predict(files: list[Path], url: str) -> int:
+    """Print the served model's digit and its probability for each image file."""
+    from mnist_mlops.client import ClientError, load_image
+    from mnist_mlops.client import predict as post
+
+    try:
+        predictions = post([load_image(path) for path in files], url)
+    except ClientError as error:
+        print(f"mnist-mlops predict: {error}", file=sys.stderr)
+        return 1
+    for path, prediction in zip(files, predictions, strict=True):
+        digit = prediction["digit"]
+        print(f"{path}: {digit} (probability {prediction['probabilities'][digit]:.3f})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,29 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     for stage, help_text in STAGES.items():
         command = commands.add_parser(stage, help=help_text, description=help_text)
         command.add_argument(
-            "--params",
-            type=Path,
-            default=PARAMS_FILE,
-            help="composed config (default: %(default)s)",
+            "--params", type=Path, default=PARAMS_FILE, help="the composed config (%(default)s)"
         )
+    serving = commands.add_parser("serve", help="serve the champion model over HTTP")
+    serving.add_argument("--model-uri", default=CHAMPION_URI, help="(%(default)s)")
+    serving.add_argument("--host", default="127.0.0.1", help="bind address (%(default)s)")
+    serving.add_argument("--port", type=int, default=5000, help="(%(default)s)")
+    client = commands.add_parser("predict", help="classify digit images with the served model")
+    client.add_argument("files", nargs="+", type=Path, metavar="IMAGE", help="PNG, JPEG, …")
+    client.add_argument("--url", default="http://127.0.0.1:5000", help="(%(default)s)")
     arguments = parser.parse_args(argv)
 
-    # Errors a user can fix get one line; anything else keeps its traceback.
-    from mnist_mlops.fetch import FetchError
-    from mnist_mlops.preprocess import DataError
-
-    try:
-        run_stage(arguments.command, arguments.params)
-    except ConfigError as error:
-        print(f"mnist-mlops {arguments.command}: invalid config: {error}", file=sys.stderr)
-        return 2
-    except (FetchError, DataError, FileNotFoundError) as error:
-        print(f"mnist-mlops {arguments.command}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as interruption:
-        print(f"mnist-mlops {arguments.command}: interrupted {interruption}", file=sys.stderr)
-        return 130
-    return 0
+    if arguments.command == "serve":
+        return serve(arguments.model_uri, arguments.host, arguments.port)
+    if arguments.command == "predict":
+        return predict(arguments.files, arguments.url)
+    return run_stage(arguments.command, arguments.params)
 
 
 if __name__ == "__main__":

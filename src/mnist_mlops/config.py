@@ -85,12 +85,35 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "mnist-classifier"
+    promotion_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip():
+            raise ValueError("model_name must not be empty")
+        if self.promotion_margin < 0:
+            raise ValueError(f"promotion_margin must be 0 or more, got {self.promotion_margin}")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    max_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated config, plus the composed mapping it came from."""
 
     data: DataConfig
     train: TrainConfig
     mlflow: MlflowConfig
+    registry: RegistryConfig
+    serving: ServingConfig
     model: Any
     optimizer: Any
     raw: Mapping[str, Any]
@@ -144,7 +167,7 @@ def validate(raw: Mapping[str, Any]) -> Config:
     """Check a composed config against the schema; raise ConfigError on the first problem."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"the config must be a mapping, got {type(raw).__name__}")
-    expected = {"data", "train", "mlflow", "model", "optimizer"}
+    expected = {"data", "train", "mlflow", "registry", "serving", "model", "optimizer"}
     unknown = sorted(set(raw) - expected)
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
@@ -155,6 +178,8 @@ def validate(raw: Mapping[str, Any]) -> Config:
         data=_typed("data", DataConfig, raw["data"]),
         train=_typed("train", TrainConfig, raw["train"]),
         mlflow=_typed("mlflow", MlflowConfig, raw["mlflow"]),
+        registry=_typed("registry", RegistryConfig, raw["registry"]),
+        serving=_typed("serving", ServingConfig, raw["serving"]),
         model=_named("model", MODELS, raw["model"]),
         optimizer=_named("optimizer", OPTIMIZERS, raw["optimizer"]),
         raw=raw,

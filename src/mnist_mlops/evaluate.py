@@ -17,8 +17,16 @@ from mnist_mlops import tracking
 from mnist_mlops.atomic import write_json, write_text
 from mnist_mlops.config import Config
 from mnist_mlops.models import NUM_CLASSES, import_keras
-from mnist_mlops.paths import METRICS_FILE, MODEL_FILE, PER_CLASS_FILE, PREDICTIONS_FILE, RUN_FILE
+from mnist_mlops.paths import (
+    METRICS_FILE,
+    MODEL_FILE,
+    PER_CLASS_FILE,
+    PREDICTIONS_FILE,
+    REGISTRY_FILE,
+    RUN_FILE,
+)
 from mnist_mlops.preprocess import load_split
+from mnist_mlops.registry import register
 
 PREDICT_BATCH_SIZE = 1000
 # Keras clips probabilities to this before taking logs in its cross-entropy.
@@ -83,7 +91,10 @@ def confusion_figure(matrix: np.ndarray):
 
 
 def evaluate(config: Config) -> dict[str, float]:
-    """Evaluate models/model.keras on the test split; return test_accuracy and test_loss."""
+    """Evaluate models/model.keras on the test split, register it, apply the promotion gate.
+
+    Returns test_accuracy and test_loss.
+    """
     import mlflow
 
     keras = import_keras()
@@ -97,21 +108,56 @@ def evaluate(config: Config) -> dict[str, float]:
     write_json(PER_CLASS_FILE, result["per_class_accuracy"])
     write_text(PREDICTIONS_FILE, predictions_csv(labels, result["predicted"]))
     tracking.use_experiment(config.mlflow.experiment_name)
-    with tracking.active_run(run_id=run_id):
+    with tracking.active_run(run_id=run_id) as run:
         mlflow.log_metrics(metrics)
+        per_class = result["per_class_accuracy"]
         mlflow.log_metrics(
-            {
-                f"test_accuracy_digit_{digit}": value
-                for digit, value in result["per_class_accuracy"].items()
-            }
+            {f"test_accuracy_digit_{digit}": per_class[digit] for digit in per_class}
         )
         mlflow.log_figure(confusion_figure(result["confusion_matrix"]), "confusion_matrix.png")
-        mlflow.log_dict(result["per_class_accuracy"], "per_class_accuracy.json")
-    # The metrics file is written last: DVC and users read it as the sign of a
-    # complete evaluation.
+        mlflow.log_dict(per_class, "per_class_accuracy.json")
+        registration = _register(config, run, metrics["test_accuracy"], images[:1])
+        mlflow.set_tags(
+            {
+                "registry.version": str(registration.version),
+                "registry.promoted": str(registration.promoted).lower(),
+            }
+        )
+    # The metrics files are written last: DVC and users read them as the sign of
+    # a complete evaluation.
+    write_json(REGISTRY_FILE, registration.as_dict())
     write_json(METRICS_FILE, metrics)
     print(
         f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} "
-        f"(MLflow run {run_id})"
+        f"(MLflow run {run_id})\n"
+        f"registered {registration.model_name} v{registration.version}: {registration.reason}"
     )
     return metrics
+
+
+def _register(config: Config, run, test_accuracy: float, example: np.ndarray):
+    """Log the servable classifier to the run and register it behind the promotion gate."""
+    tags = dict(run.data.tags) if run.data.tags else {}
+    provenance = {
+        "run_id": run.info.run_id,
+        "git.commit": tags.get("git.commit", "unknown"),
+        "data.digest": tags.get("data.digest", "unknown"),
+        "model.name": config.model_name,
+    }
+    if tags.get("dvc.exp_name"):
+        provenance["dvc.exp_name"] = tags["dvc.exp_name"]
+    model_info = tracking.log_classifier(MODEL_FILE, example, config.serving.max_batch_size)
+    description = (
+        f"{config.model_name} trained for {config.train.epochs} epochs on MNIST "
+        f"(processed data {provenance['data.digest'][:12]}) at commit "
+        f"{provenance['git.commit'][:12]}; test_accuracy {test_accuracy:.4f}. "
+        f"MLflow run {run.info.run_id}."
+    )
+    return register(
+        model_info.model_uri,
+        config.registry.model_name,
+        test_accuracy,
+        config.registry.promotion_margin,
+        provenance,
+        description,
+    )

@@ -8,13 +8,16 @@ MLFLOW_TRACKING_URI, when set, wins (for example a tracking server).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import tempfile
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -164,3 +167,38 @@ def log_keras_model(model: keras.Model, input_example: np.ndarray) -> mlflow.mod
         input_example=input_example.astype(np.float32),
         pip_requirements=pip_requirements(),
     )
+
+
+CLASSIFIER_ARTIFACT = "classifier"
+
+
+def classifier_signature() -> mlflow.models.ModelSignature:
+    """Input: a batch of raw 28×28 images (pixel values 0–255); output: digit and probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]))
+
+
+def log_classifier(
+    keras_model_file: Path, input_example: np.ndarray, max_batch_size: int
+) -> mlflow.models.model.ModelInfo:
+    """Log the servable classifier (classifier.py, as models from code) to the active run."""
+    import mlflow
+
+    from mnist_mlops import classifier
+
+    with tempfile.TemporaryDirectory() as scratch:
+        settings_file = Path(scratch) / "serving.json"
+        settings_file.write_text(json.dumps({"max_batch_size": max_batch_size}))
+        return mlflow.pyfunc.log_model(
+            name=CLASSIFIER_ARTIFACT,
+            python_model=classifier.__file__,
+            artifacts={
+                classifier.KERAS_ARTIFACT: str(keras_model_file),
+                classifier.SETTINGS_ARTIFACT: str(settings_file),
+            },
+            signature=classifier_signature(),
+            input_example=input_example.astype(np.float32),
+            pip_requirements=pip_requirements(),
+        )

@@ -1,0 +1,253 @@
+"""Serving the champion with the real `mlflow models serve`, over real HTTP on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from mnist_mlops.client import to_mnist
+from mnist_mlops.evaluate import evaluate
+from mnist_mlops.fetch import fetch
+from mnist_mlops.preprocess import load_split, preprocess
+from mnist_mlops.train import train
+
+from .conftest import compose_config, run, subprocess_env, tiny_overrides, write_mirror
+
+CHAMPION_URI = "models:/mnist-classifier@champion"
+MAX_BATCH = 8
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A project folder whose store holds a champion trained by the real stages."""
+    from mnist_mlops.config import validate
+
+    directory = tmp_path_factory.mktemp("serving")
+    write_mirror(directory / "mirror")
+    config = validate(
+        compose_config(*tiny_overrides(directory / "mirror"), f"serving.max_batch_size={MAX_BATCH}")
+    )
+    previous = os.getcwd()
+    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(directory)
+    try:
+        fetch(config.data)
+        preprocess(config)
+        train(config)
+        evaluate(config)
+        images, _labels = load_split("test")
+    finally:
+        os.chdir(previous)
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if saved_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+    return uri, images
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    """`mlflow models serve` on the champion, as the README runs it, on a free port."""
+    uri, _images = store
+    port = free_port()
+    command = [
+        *("mlflow", "models", "serve", "-m", CHAMPION_URI),
+        *("--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)),
+    ]
+    process = subprocess.Popen(
+        command,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited:\n{process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail("the server did not answer /ping within 120 s")
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def in_process(store):
+    uri, _images = store
+    mlflow.set_tracking_uri(uri)
+    return mlflow.pyfunc.load_model(CHAMPION_URI)
+
+
+def post(url: str, body: bytes | str, content_type="application/json"):
+    data = body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(
+        f"{url}/invocations", data=data, headers={"Content-Type": content_type}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_standard_endpoints_answer(server):
+    for endpoint in ("ping", "health", "version"):
+        with urllib.request.urlopen(f"{server}/{endpoint}", timeout=10) as response:
+            assert response.status == 200, endpoint
+    with urllib.request.urlopen(f"{server}/version", timeout=10) as response:
+        assert response.read().decode() == mlflow.__version__
+
+
+def expected(in_process, images):
+    return in_process.predict(images.astype(np.float32))
+
+
+@pytest.mark.parametrize("count", [1, 5])
+@pytest.mark.parametrize("request_format", ["inputs", "instances", "dataframe_split"])
+def test_served_predictions_match_the_model(server, store, in_process, count, request_format):
+    _uri, images = store
+    batch = images[:count]
+    if request_format == "dataframe_split":
+        # MLflow's tensor-in-DataFrame form: one column, one flattened image per row.
+        rows = [[image.reshape(-1).tolist()] for image in batch]
+        body = {"dataframe_split": {"columns": ["image"], "data": rows}}
+    else:
+        body = {request_format: batch.tolist()}
+    status, answer = post(server, json.dumps(body))
+    assert status == 200, answer
+    predictions = answer["predictions"]
+    reference = expected(in_process, batch)
+    assert [item["digit"] for item in predictions] == [item["digit"] for item in reference]
+    for served, local in zip(predictions, reference, strict=True):
+        assert len(served["probabilities"]) == 10
+        np.testing.assert_allclose(served["probabilities"], local["probabilities"], atol=1e-5)
+        assert served["digit"] == int(np.argmax(served["probabilities"]))
+
+
+def image_body(value=0, shape=(28, 28), count=1) -> str:
+    return json.dumps({"inputs": np.full((count, *shape), value).tolist()})
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (image_body(shape=(784,)), "does not match expected shape"),
+        (image_body(shape=(28, 27)), "does not match expected shape"),
+        (json.dumps({"inputs": [[["x"] * 28] * 28]}), ""),
+        (image_body(value=256), "pixel values must be raw intensities in 0–255"),
+        (image_body(value=-1), "got values in -1–-1"),
+        (json.dumps({"inputs": []}), ""),
+        ('{"inputs": [[[1, 2', ""),
+        ("not json at all", ""),
+        (image_body(count=MAX_BATCH + 1), f"a batch of 9 images is over the limit of {MAX_BATCH}"),
+        (json.dumps({"wrong_key": [1]}), ""),
+    ],
+    ids=[
+        "flat-784",
+        "28x27",
+        "non-numeric",
+        "above-255",
+        "negative",
+        "empty-batch",
+        "truncated-json",
+        "not-json",
+        "over-size-limit",
+        "unknown-format",
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_survives(
+    server, store, body, message
+):
+    status, answer = post(server, body)
+    assert 400 <= status < 500, (status, answer)
+    assert answer.get("message"), answer
+    assert message in answer["message"]
+    _uri, _images = store
+    status, answer = post(server, image_body(value=0))
+    assert status == 200 and len(answer["predictions"]) == 1
+
+
+def test_unsupported_content_type_is_refused(server):
+    request = urllib.request.Request(
+        f"{server}/invocations", data=b"1,2,3", headers={"Content-Type": "text/plain"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=10)
+    assert error.value.code == 415
+
+
+def draw_digit_one(path, size=(90, 140)):
+    """A black '1' on white paper, the way a person would photograph it."""
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).line([(45, 15), (45, 125)], fill="black", width=12)
+    image.save(path)
+
+
+def test_to_mnist_makes_a_centred_white_digit_on_black(tmp_path):
+    draw_digit_one(tmp_path / "one.png")
+    with Image.open(tmp_path / "one.png") as image:
+        digit = to_mnist(image)
+    assert digit.shape == (28, 28) and digit.dtype == np.uint8
+    assert digit[0].max() == 0 and digit[:, 0].max() == 0, "background is black"
+    assert digit[14, 13:15].min() > 200, "the stroke is white, through the centre"
+    rows = np.flatnonzero(digit.max(axis=1) > 50)
+    assert 18 <= len(rows) <= 21, "the digit fills a 20-pixel box"
+
+
+def test_predict_client_prints_a_digit_per_file(server, tmp_path, in_process):
+    draw_digit_one(tmp_path / "one.png")
+    Image.new("L", (50, 50), "black").save(tmp_path / "blank.jpg")
+    result = run(
+        [sys.executable, "-m", "mnist_mlops", "predict", "one.png", "blank.jpg", "--url", server],
+        tmp_path,
+        subprocess_env(),
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    with Image.open(tmp_path / "one.png") as image:
+        reference = in_process.predict(to_mnist(image)[None].astype(np.float32))[0]
+    assert lines[0].startswith(f"one.png: {reference['digit']} (probability ")
+    assert lines[1].startswith("blank.jpg: ")
+
+
+def test_predict_client_explains_a_connection_error_in_one_line(tmp_path):
+    draw_digit_one(tmp_path / "one.png")
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run(
+        [sys.executable, "-m", "mnist_mlops", "predict", "one.png", "--url", url],
+        tmp_path,
+        subprocess_env(),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"mnist-mlops predict: cannot reach the model server at {url} "
+        "([Errno 111] Connection refused); start it with `make serve`"
+    ]
