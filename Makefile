@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro test test-fast lint format params ui benchmark clean
+.PHONY: help install repro test test-fast lint format params ui serve benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,9 +32,10 @@ test: install lint ## Run the whole test suite, slow tests included
 test-fast: install ## Run the tests without the slow real-data ones
 	pytest -m "not slow"
 
-lint: install ## Check formatting and lint with ruff
+lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint)
 	ruff check .
 	ruff format --check .
+	hadolint Dockerfile
 
 format: install ## Format and fix with ruff
 	ruff format .
@@ -47,8 +48,13 @@ params: install ## Re-compose params.yaml from conf/ (what `dvc exp run` does)
 ui: install ## Open the MLflow UI on the embedded store (http://127.0.0.1:$(PORT))
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
 
-benchmark: install ## Time the seed script against a cold and a no-op dvc repro
+serve: install ## Serve the champion model over HTTP on 127.0.0.1:$(PORT)
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	mlflow models serve -m "models:/mnist-classifier@champion" --env-manager local --host 127.0.0.1 -p $(PORT)
+
+benchmark: install ## Benchmark the pipeline (seed script vs dvc repro) and the server
 	python benchmarks/pipeline.py
+	python benchmarks/serving.py
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -60,21 +61,10 @@ def store(tmp_path_factory):
     return uri, images
 
 
-@pytest.fixture(scope="module")
-def server(store):
-    """`mlflow models serve` on the champion, as the README runs it, on a free port."""
-    uri, _images = store
-    port = free_port()
-    command = [
-        *("mlflow", "models", "serve", "-m", CHAMPION_URI),
-        *("--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)),
-    ]
+def start_server(command: list[str], env: dict, port: int, cwd=None):
+    """Start a model server and wait until it answers /ping; yield its URL, then stop it."""
     process = subprocess.Popen(
-        command,
-        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -96,6 +86,33 @@ def server(store):
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    """`mlflow models serve` on the champion, as the README runs it, on a free port."""
+    uri, _images = store
+    port = free_port()
+    command = [
+        *("mlflow", "models", "serve", "-m", CHAMPION_URI),
+        *("--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)),
+    ]
+    yield from start_server(command, subprocess_env(MLFLOW_TRACKING_URI=uri), port)
+
+
+def test_the_image_entry_point_serves_the_champion_of_the_project_store(store):
+    """`mnist-mlops serve`, the Docker entry point, finds the store at the project root."""
+    uri, images = store
+    project = Path(uri.removeprefix("sqlite:///")).parent
+    port = free_port()
+    command = [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(port)]
+    servers = start_server(command, subprocess_env(), port, cwd=project)
+    url = next(servers)
+    try:
+        status, answer = post(url, json.dumps({"inputs": images[:2].tolist()}))
+        assert status == 200 and len(answer["predictions"]) == 2
+    finally:
+        next(servers, None)
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     serving = commands.add_parser("serve", help="serve the champion model over HTTP")
     serving.add_argument("--model-uri", default=CHAMPION_URI, help="(%(default)s)")
-    serving.add_argument("--host", default="127.0.0.1", help="bind address (%(default)s)")
+    serving.add_argument(
+        "--host",
+        default=os.environ.get("MNIST_SERVE_HOST", "127.0.0.1"),
+        help="bind address (%(default)s; MNIST_SERVE_HOST sets the default)",
+    )
     serving.add_argument("--port", type=int, default=5000, help="(%(default)s)")
     client = commands.add_parser("predict", help="classify digit images with the served model")
     client.add_argument("files", nargs="+", type=Path, metavar="IMAGE", help="PNG, JPEG, …")
