@@ -52,6 +52,9 @@ def serve(model_uri: str, host: str, port: int) -> int:
     from mnist_mlops.tracking import TRACKING_URI_ENV, tracking_uri
 
     os.environ.setdefault(TRACKING_URI_ENV, tracking_uri())
+    # MLflow starts `uvicorn` by name: find the one beside this interpreter even
+    # when its environment is not activated.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     command = [
         *(sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri),
         *("--env-manager", "local", "--host", host, "-p", str(port)),
