@@ -49,6 +49,34 @@ def test_every_group_option_composes_and_builds(model, optimizer):
     assert network.optimizer.__class__.__name__.lower() == optimizer
 
 
+PRESETS = sorted(path.stem for path in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_there_are_experiment_presets():
+    assert {"cnn_fast", "mlp_seed"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes_and_builds(preset):
+    config = validate(compose_config(f"experiment={preset}"))
+    network = build_model(config.model, config.optimizer)
+    assert network.output_shape == (None, 10)
+    # A preset holds only what differs from the defaults: nothing outside
+    # the groups it overrides and the train settings changes.
+    defaults = compose_config()
+    for section in ("data", "mlflow", "registry", "serving"):
+        assert config.raw[section] == defaults[section], section
+
+
+def test_presets_select_what_they_promise():
+    cnn_fast = validate(compose_config("experiment=cnn_fast"))
+    assert (cnn_fast.model_name, cnn_fast.raw["optimizer"]["name"]) == ("cnn", "adam")
+    assert cnn_fast.train.epochs == 10
+    assert compose_config("experiment=mlp_seed") == compose_config()
+    # Overrides on the command line still win over a preset.
+    assert validate(compose_config("experiment=cnn_fast", "train.epochs=2")).train.epochs == 2
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -80,12 +80,14 @@ def test_dvc_repro_end_to_end(project, http_mirror):
 
 def test_dvc_exp_run_composes_hydra_overrides(project, http_mirror):
     env = subprocess_env(MNIST_MIRROR=http_mirror)
-    overrides = [f"-S{override}" for override in (*TINY, "model=cnn", "train.epochs=1")]
+    overrides = [f"-S{override}" for override in (*TINY, "model=cnn", "optimizer=adam")]
+    overrides.append("-Strain.epochs=1")
     result = run(["dvc", "exp", "run", *overrides], project, env)
     assert stages_run(result.stdout) == list(STAGES)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["model"]["name"] == "cnn" and params["train"]["epochs"] == 1
+    assert params["optimizer"]["name"] == "adam"
     _client, runs = runs_in(project)
     assert len(runs) == 1
     logged = runs[0]

@@ -39,6 +39,7 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
 
     client = MlflowClient()
     first = json.loads(REGISTRY_FILE.read_text())
+    recorded_run_id = first.pop("run_id")
     assert first == {
         "model_name": MODEL,
         "version": 1,
@@ -48,7 +49,7 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
     }
     version = client.get_model_version(MODEL, "1")
     run = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])[0]
-    assert version.tags["run_id"] == run.info.run_id
+    assert version.tags["run_id"] == run.info.run_id == recorded_run_id
     assert version.tags["data.digest"] == run.data.tags["data.digest"]
     assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"])
     assert "trained for 2 epochs" in version.description

@@ -160,7 +160,7 @@ def test_hydra_app_trains_with_command_line_overrides(prepared, workdir):
             "mnist_mlops.train",
             *mirror_overrides,
             "train.epochs=1",
-            "model=cnn",
+            "experiment=cnn_fast",
         ],
         workdir,
         subprocess_env(),
@@ -169,6 +169,7 @@ def test_hydra_app_trains_with_command_line_overrides(prepared, workdir):
     _client, logged = only_run()
     assert logged.info.status == "FINISHED"
     assert logged.data.params["model.name"] == "cnn"
+    assert logged.data.params["optimizer.name"] == "adam"
     assert logged.data.params["train.epochs"] == "1"
     assert list((workdir / "outputs").rglob("model.keras"))
     assert not MODEL_FILE.exists(), "the Hydra app leaves the DVC outputs alone"

@@ -79,6 +79,28 @@ def predict(files: list[Path], url: str) -> int:
     return 0
 
 
+def runs(top: int, filter_string: str, params_file: Path) -> int:
+    """Print the leaderboard of the project's MLflow runs."""
+    from mlflow.exceptions import MlflowException
+
+    from mnist_mlops.leaderboard import render, rows
+
+    experiment, model = "mnist", "mnist-classifier"
+    if params_file.exists():
+        config = load_params(params_file)
+        experiment, model = config.mlflow.experiment_name, config.registry.model_name
+    try:
+        table = rows(experiment, model, top, filter_string)
+    except MlflowException as error:
+        print(f"mnist-mlops runs: {error.message}", file=sys.stderr)
+        return 2
+    if not table:
+        print(f"no runs in experiment {experiment!r} yet: run `make repro`", file=sys.stderr)
+        return 1
+    print(render(table))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist-mlops", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -98,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     client = commands.add_parser("predict", help="classify digit images with the served model")
     client.add_argument("files", nargs="+", type=Path, metavar="IMAGE", help="PNG, JPEG, …")
     client.add_argument("--url", default="http://127.0.0.1:5000", help="(%(default)s)")
+    leaderboard = commands.add_parser("runs", help="list the MLflow runs, best first")
+    leaderboard.add_argument("--top", type=int, default=20, help="at most this many (%(default)s)")
+    leaderboard.add_argument(
+        "--filter", default="", help="an MLflow search filter, e.g. \"params.model.name = 'cnn'\""
+    )
+    leaderboard.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
 
+    if arguments.command == "runs":
+        return runs(arguments.top, arguments.filter, arguments.params)
     if arguments.command == "serve":
         return serve(arguments.model_uri, arguments.host, arguments.port)
     if arguments.command == "predict":

@@ -125,7 +125,7 @@ def evaluate(config: Config) -> dict[str, float]:
         )
     # The metrics files are written last: DVC and users read them as the sign of
     # a complete evaluation.
-    write_json(REGISTRY_FILE, registration.as_dict())
+    write_json(REGISTRY_FILE, {**registration.as_dict(), "run_id": run_id})
     write_json(METRICS_FILE, metrics)
     print(
         f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} "
@@ -153,11 +153,14 @@ def _register(config: Config, run, test_accuracy: float, example: np.ndarray):
         f"{provenance['git.commit'][:12]}; test_accuracy {test_accuracy:.4f}. "
         f"MLflow run {run.info.run_id}."
     )
-    return register(
-        model_info.model_uri,
-        config.registry.model_name,
-        test_accuracy,
-        config.registry.promotion_margin,
-        provenance,
-        description,
-    )
+    # Queued experiments evaluate side by side: reading the champion and moving
+    # the alias must not interleave, or a worse model could be promoted last.
+    with tracking.project_lock("registry"):
+        return register(
+            model_info.model_uri,
+            config.registry.model_name,
+            test_accuracy,
+            config.registry.promotion_margin,
+            provenance,
+            description,
+        )

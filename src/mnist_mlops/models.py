@@ -92,17 +92,20 @@ class Mlp:
 
 @dataclass(frozen=True)
 class Cnn:
-    """A small convnet after keras-io's mnist_convnet example."""
+    """A small VGG-style convnet: blocks of 3×3 convolutions and max pooling, then a dense layer."""
 
     filters: list[int] = field(default_factory=lambda: [32, 64])
+    convolutions_per_block: int = 2
     kernel_size: int = 3
+    dense_units: int = 128
     dropout: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.filters or any(count <= 0 for count in self.filters):
             raise ValueError(f"filters must be positive counts, got {list(self.filters)}")
-        if self.kernel_size <= 0:
-            raise ValueError(f"kernel_size must be positive, got {self.kernel_size}")
+        for name in ("convolutions_per_block", "kernel_size", "dense_units"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -113,9 +116,15 @@ class Cnn:
         x = layers.Rescaling(1 / 255)(inputs)
         x = layers.Reshape((*IMAGE_SHAPE, 1))(x)
         for filter_count in self.filters:
+            for _ in range(self.convolutions_per_block - 1):
+                x = layers.Conv2D(
+                    filter_count, self.kernel_size, padding="same", activation="relu"
+                )(x)
             x = layers.Conv2D(filter_count, self.kernel_size, activation="relu")(x)
             x = layers.MaxPooling2D(pool_size=2)(x)
         x = layers.Flatten()(x)
+        x = layers.Dropout(self.dropout)(x)
+        x = layers.Dense(self.dense_units, activation="relu")(x)
         x = layers.Dropout(self.dropout)(x)
         outputs = layers.Dense(NUM_CLASSES, activation="softmax")(x)
         return keras.Model(inputs, outputs, name="cnn")
@@ -146,8 +155,24 @@ class Adam(_Optimizer):
         return import_keras().optimizers.Adam(learning_rate=self.learning_rate)
 
 
+@dataclass(frozen=True)
+class SGD(_Optimizer):
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+    def build(self) -> keras.optimizers.Optimizer:
+        return import_keras().optimizers.SGD(
+            learning_rate=self.learning_rate, momentum=self.momentum
+        )
+
+
 MODELS = {"mlp": Mlp, "cnn": Cnn}
-OPTIMIZERS = {"rmsprop": RMSprop, "adam": Adam}
+OPTIMIZERS = {"rmsprop": RMSprop, "adam": Adam, "sgd": SGD}
 
 
 def build_model(model: Mlp | Cnn, optimizer: _Optimizer) -> keras.Model:

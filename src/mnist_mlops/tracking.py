@@ -4,13 +4,21 @@ By default runs go to an embedded store at the project root: SQLite in
 `mlflow.db`, artifacts in `mlartifacts/`. The root comes from `project_root()`,
 so experiments that DVC runs in temporary copies land in the same store.
 MLFLOW_TRACKING_URI, when set, wins (for example a tracking server).
+
+Queued experiments (`dvc queue start -j 2`) write to the embedded store from
+several processes at once. SQLite copes when the database is in WAL mode
+(readers never block the writer), connections wait for a busy database
+instead of failing at once, and only one process creates or migrates the
+schema: `use_experiment` sees to all three.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import types
@@ -31,32 +39,74 @@ if TYPE_CHECKING:
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 MODEL_ARTIFACT = "model"
+# How long a connection waits for another process's write to finish.
+SQLITE_BUSY_TIMEOUT_SECONDS = 60
+
+
+def embedded_store() -> bool:
+    return not os.environ.get(TRACKING_URI_ENV)
 
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the embedded SQLite store at the project root."""
-    return os.environ.get(TRACKING_URI_ENV) or f"sqlite:///{project_root() / MLFLOW_DB_NAME}"
+    if not embedded_store():
+        return os.environ[TRACKING_URI_ENV]
+    database = project_root() / MLFLOW_DB_NAME
+    return f"sqlite:///{database}?timeout={SQLITE_BUSY_TIMEOUT_SECONDS}"
+
+
+@contextmanager
+def project_lock(name: str) -> Iterator[None]:
+    """An exclusive lock, shared by every process working on this project on this machine."""
+    lock_file = project_root() / f"{MLFLOW_DB_NAME}.{name}.lock"
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _use_wal_mode() -> None:
+    database = project_root() / MLFLOW_DB_NAME
+    with sqlite3.connect(database, timeout=SQLITE_BUSY_TIMEOUT_SECONDS) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
 
 
 def use_experiment(name: str) -> str:
-    """Point MLflow at the tracking store and the experiment `name`, creating it if needed."""
+    """Point MLflow at the tracking store and the experiment `name`, creating them if needed."""
+    import mlflow
+
+    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
+    embedded = embedded_store()
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if not embedded:
+        return _get_or_create_experiment(name, artifact_location=None)
+    # Two processes creating the schema of one new database at once collide
+    # ("duplicate column name"): the first creates it, the others wait.
+    with project_lock("setup"):
+        experiment_id = _get_or_create_experiment(
+            name, artifact_location=(project_root() / MLFLOW_ARTIFACTS_NAME).as_uri()
+        )
+        _use_wal_mode()
+    return experiment_id
+
+
+def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
-    embedded = not os.environ.get(TRACKING_URI_ENV)
-    mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         experiment_id = experiment.experiment_id
     else:
         # Without an explicit location MLflow would put the embedded store's
         # artifacts in ./mlruns, relative to wherever the stage happens to run.
-        location = (project_root() / MLFLOW_ARTIFACTS_NAME).as_uri() if embedded else None
         try:
-            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+            experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
         except MlflowException:
-            # Another process created it between our lookup and our create.
+            # Another process (on a shared server) created it after our lookup.
             experiment_id = mlflow.get_experiment_by_name(name).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
