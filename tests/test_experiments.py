@@ -109,6 +109,7 @@ def test_dvc_experiments_and_mlflow_runs_lead_to_each_other(grid):
     for name, outputs in experiments.items():
         logged = client.get_run(outputs["registry"]["run_id"])
         assert logged.data.tags["dvc.exp_name"] == name
+        assert logged.info.run_name == name
         assert logged.data.metrics["test_accuracy"] == pytest.approx(
             outputs["metrics"]["test_accuracy"]
         )

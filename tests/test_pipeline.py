@@ -67,6 +67,8 @@ def test_dvc_repro_end_to_end(project, http_mirror):
     second = run(["dvc", "repro"], project, env)
     assert stages_run(second.stdout) == []
     assert "up to date" in second.stdout
+    run(["git", "add", "-A"], project, env)
+    run(["git", "commit", "-qm", "first run"], project, env)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["epochs"] = 1
@@ -76,6 +78,18 @@ def test_dvc_repro_end_to_end(project, http_mirror):
     _client, runs = runs_in(project)
     assert [item.info.status for item in runs] == ["FINISHED", "FINISHED"]
     assert runs[-1].data.params["train.epochs"] == "1"
+
+    # The committed run and the new one, compared by DVC.
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project, env).stdout)
+    loss = diff["reports/metrics.json"]["test_loss"]
+    assert loss["old"] != loss["new"]
+    plots = json.loads(run(["dvc", "plots", "diff", "--json"], project, env).stdout)["data"]
+    titles = set(plots)
+    assert {"Training curves (loss)", "Training curves (accuracy)"} <= titles, titles
+    assert "Confusion matrix (test set)" in titles
+    curves = plots["Training curves (loss)"][0]["content"]["data"]["values"]
+    assert {row["rev"] for row in curves} == {"HEAD", "workspace"}
+    assert {row["field"] for row in curves} == {"loss", "val_loss"}
 
 
 def test_dvc_exp_run_composes_hydra_overrides(project, http_mirror):
@@ -114,14 +128,22 @@ def test_a_failing_stage_records_no_output(project, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST mirror not found at {REAL_MNIST}")
-def test_real_mnist_reaches_the_seed_accuracy(project):
+def test_real_mnist_reaches_the_target_accuracies(project):
+    """The seed's mlp by `dvc repro`, then the cnn_fast preset by `dvc exp run`, on real MNIST."""
     env = subprocess_env(MNIST_MIRROR=str(REAL_MNIST))
     result = run(["dvc", "repro"], project, env)
     assert stages_run(result.stdout) == list(STAGES)
     manifest = json.loads((project / "data/processed/manifest.json").read_text())
     assert manifest["examples"] == {"train": 54000, "validation": 6000, "test": 10000}
-    metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert metrics["test_accuracy"] >= 0.975, metrics
+    mlp = json.loads((project / "reports/metrics.json").read_text())
+    assert mlp["test_accuracy"] >= 0.975, mlp
+
+    result = run(["dvc", "exp", "run", "-S", "experiment=cnn_fast"], project, env)
+    assert stages_run(result.stdout) == ["train", "evaluate"]
+    cnn = json.loads((project / "reports/metrics.json").read_text())
+    assert cnn["test_accuracy"] >= 0.992, cnn
+    registry = json.loads((project / "reports/registry.json").read_text())
+    assert registry["version"] == 2 and registry["promoted"], registry
 
 
 def test_git_ignores_what_the_pipeline_generates(project, http_mirror):

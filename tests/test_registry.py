@@ -40,13 +40,7 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
     client = MlflowClient()
     first = json.loads(REGISTRY_FILE.read_text())
     recorded_run_id = first.pop("run_id")
-    assert first == {
-        "model_name": MODEL,
-        "version": 1,
-        "promoted": True,
-        "champion_version": 1,
-        "reason": "first version: promoted to champion",
-    }
+    assert first == {"version": 1, "promoted": True, "champion_version": 1}
     version = client.get_model_version(MODEL, "1")
     run = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])[0]
     assert version.tags["run_id"] == run.info.run_id == recorded_run_id

@@ -125,7 +125,15 @@ def evaluate(config: Config) -> dict[str, float]:
         )
     # The metrics files are written last: DVC and users read them as the sign of
     # a complete evaluation.
-    write_json(REGISTRY_FILE, {**registration.as_dict(), "run_id": run_id})
+    write_json(
+        REGISTRY_FILE,
+        {
+            "run_id": run_id,
+            "version": registration.version,
+            "promoted": registration.promoted,
+            "champion_version": registration.champion_version,
+        },
+    )
     write_json(METRICS_FILE, metrics)
     print(
         f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} "

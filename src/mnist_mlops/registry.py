@@ -6,7 +6,7 @@ beat the champion gets the alias `challenger` and a tag saying why.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -24,9 +24,6 @@ class Registration:
     promoted: bool
     champion_version: int
     reason: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def current_champion(client, model_name: str):

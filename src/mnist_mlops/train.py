@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -72,14 +73,17 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
     import mlflow
 
     keras = import_keras()
-    keras.utils.set_random_seed(config.train.seed)
     train_images, train_labels = load_split("train")
     validation_images, validation_labels = load_split("validation")
     data_digest = load_manifest()["digest"]
-    network = build_model(config.model, config.optimizer)
 
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
-    with tracking.active_run() as run:
+    # Under `dvc exp run` the MLflow run takes the DVC experiment's name. The
+    # run starts before the seed is set, because MLflow draws its generated
+    # names from Python's random module, which the seed also fixes.
+    with tracking.active_run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
+        keras.utils.set_random_seed(config.train.seed)
+        network = build_model(config.model, config.optimizer)
         mlflow.log_params(config.flat_params())
         mlflow.set_tags(tracking.provenance_tags(data_digest))
         mlflow.log_input(
