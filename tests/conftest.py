@@ -10,9 +10,14 @@ import hashlib
 import http.server
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -167,10 +172,8 @@ def run(command: list[str], cwd: Path, env: dict, check: bool = True):
     return result
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """A copy of this project in a fresh git repository, as a user's clone would be."""
-    directory = tmp_path / "clone"
+def copy_project(directory: Path) -> Path:
+    """Copy this project into `directory`, a fresh git repository, as a user's clone would be."""
     directory.mkdir()
     for name in PROJECT_FILES:
         source = REPO_ROOT / name
@@ -187,6 +190,44 @@ def project(tmp_path) -> Path:
     run(["git", "add", "-A"], directory, env)
     run(["git", "commit", "-q", "-m", "clone"], directory, env)
     return directory
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    return copy_project(tmp_path / "clone")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def serving(command: list[str], env: dict, url: str, ready_path: str, cwd=None):
+    """Run a server command until `url + ready_path` answers; stop it afterwards."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{command[0]} exited:\n{process.stdout.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{' '.join(command)} did not answer within 120 s")
+            try:
+                with urllib.request.urlopen(f"{url}{ready_path}", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -1,7 +1,6 @@
 """Experiments: a queued grid run two at a time, compared in DVC, MLflow and the leaderboard."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,41 +11,20 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import run, subprocess_env, write_mirror
+from .conftest import copy_project, free_port, run, serving, subprocess_env, write_mirror
 
 TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
 GRID = 4
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     """A fresh clone that ran `dvc exp run --queue` over a 2×2 grid with `dvc queue start -j 2`."""
-    from .conftest import PROJECT_FILES, REPO_ROOT
-
     base = tmp_path_factory.mktemp("grid")
     mirror = base / "mirror"
     write_mirror(mirror)
-    project = base / "clone"
-    project.mkdir()
-    for name in PROJECT_FILES:
-        source, target = REPO_ROOT / name, project / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            import shutil
-
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            target.write_bytes(source.read_bytes())
+    project = copy_project(base / "clone")
     env = subprocess_env(MNIST_MIRROR=str(mirror))
-    run(["git", "init", "-q", "-b", "main"], project, env)
-    run(["git", "add", "-A"], project, env)
-    run(["git", "commit", "-q", "-m", "clone"], project, env)
 
     overrides = [f"-S{override}" for override in (*TINY, "train.epochs=1")]
     grid_overrides = ["-Smodel=mlp,cnn", "-Soptimizer=rmsprop,adam"]
@@ -151,28 +129,8 @@ def ui_server(grid):
         *("mlflow", "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"),
         *("--host", "127.0.0.1", "--port", str(port)),
     ]
-    process = subprocess.Popen(
-        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow ui exited:\n{process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow ui did not answer within 120 s")
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with serving(command, env, f"http://127.0.0.1:{port}", "/health", project) as url:
+        yield url
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:

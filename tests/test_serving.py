@@ -2,10 +2,7 @@
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,16 +18,18 @@ from mnist_mlops.fetch import fetch
 from mnist_mlops.preprocess import load_split, preprocess
 from mnist_mlops.train import train
 
-from .conftest import compose_config, run, subprocess_env, tiny_overrides, write_mirror
+from .conftest import (
+    compose_config,
+    free_port,
+    run,
+    serving,
+    subprocess_env,
+    tiny_overrides,
+    write_mirror,
+)
 
 CHAMPION_URI = "models:/mnist-classifier@champion"
 MAX_BATCH = 8
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,33 +60,6 @@ def store(tmp_path_factory):
     return uri, images
 
 
-def start_server(command: list[str], env: dict, port: int, cwd=None):
-    """Start a model server and wait until it answers /ping; yield its URL, then stop it."""
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited:\n{process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("the server did not answer /ping within 120 s")
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
 @pytest.fixture(scope="module")
 def server(store):
     """`mlflow models serve` on the champion, as the README runs it, on a free port."""
@@ -97,7 +69,9 @@ def server(store):
         *("mlflow", "models", "serve", "-m", CHAMPION_URI),
         *("--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)),
     ]
-    yield from start_server(command, subprocess_env(MLFLOW_TRACKING_URI=uri), port)
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    with serving(command, env, f"http://127.0.0.1:{port}", "/ping") as url:
+        yield url
 
 
 def test_the_image_entry_point_serves_the_champion_of_the_project_store(store):
@@ -106,13 +80,9 @@ def test_the_image_entry_point_serves_the_champion_of_the_project_store(store):
     project = Path(uri.removeprefix("sqlite:///")).parent
     port = free_port()
     command = [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(port)]
-    servers = start_server(command, subprocess_env(), port, cwd=project)
-    url = next(servers)
-    try:
+    with serving(command, subprocess_env(), f"http://127.0.0.1:{port}", "/ping", project) as url:
         status, answer = post(url, json.dumps({"inputs": images[:2].tolist()}))
-        assert status == 200 and len(answer["predictions"]) == 2
-    finally:
-        next(servers, None)
+    assert status == 200 and len(answer["predictions"]) == 2
 
 
 @pytest.fixture(scope="module")
