@@ -146,6 +146,27 @@ def test_real_mnist_reaches_the_target_accuracies(project):
     assert registry["version"] == 2 and registry["promoted"], registry
 
 
+def test_results_travel_through_the_dvc_remote(project, http_mirror):
+    """Push from one clone; a second clone pulls data, model and metrics and runs nothing."""
+    (project / "params.yaml").write_text(yaml.safe_dump(compose_config(*TINY, "train.epochs=1")))
+    env = subprocess_env(MNIST_MIRROR=http_mirror)
+    run(["dvc", "repro"], project, env)
+    run(["git", "add", "-A"], project, env)
+    run(["git", "commit", "-qm", "results"], project, env)
+    pushed = run(["dvc", "push"], project, env)
+    assert "pushed" in pushed.stdout
+    assert (project.parent / "mnist-mlops-storage").is_dir()
+
+    second = project.parent / "second"
+    run(["git", "clone", "-q", str(project), str(second)], project.parent, env)
+    assert not (second / "models" / "model.keras").exists()
+    run(["dvc", "pull"], second, env)
+    for output in ("data/raw/mnist.npz", "data/processed/train.npz", "models/model.keras"):
+        assert (second / output).read_bytes() == (project / output).read_bytes(), output
+    status = run(["dvc", "repro"], second, env)
+    assert stages_run(status.stdout) == []
+
+
 def test_git_ignores_what_the_pipeline_generates(project, http_mirror):
     (project / "params.yaml").write_text(yaml.safe_dump(compose_config(*TINY, "train.epochs=1")))
     env = subprocess_env(MNIST_MIRROR=http_mirror)

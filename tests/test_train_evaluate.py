@@ -16,6 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from mnist_mlops import tracking
+from mnist_mlops.config import MlflowConfig
 from mnist_mlops.evaluate import evaluate
 from mnist_mlops.fetch import fetch
 from mnist_mlops.paths import METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, RUN_FILE
@@ -102,7 +103,7 @@ def test_logged_model_takes_raw_pixels_and_matches_evaluate(prepared):
     ("exception", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
 )
 def test_a_run_that_does_not_finish_is_never_left_running(workdir, exception, status):
-    tracking.use_experiment("mnist")
+    tracking.use_experiment(MlflowConfig())
     with pytest.raises(type(exception)), tracking.active_run():
         raise exception
     _client, logged = only_run()

@@ -27,6 +27,7 @@ def run_stage(stage: str, params_file: Path) -> int:
     """Run one pipeline stage; errors a user can fix get one line, others their traceback."""
     from mnist_mlops.fetch import FetchError
     from mnist_mlops.preprocess import DataError
+    from mnist_mlops.tracking import tracking_uri
 
     try:
         config = load_params(params_file)
@@ -40,6 +41,14 @@ def run_stage(stage: str, params_file: Path) -> int:
         return 2
     except (FetchError, DataError, FileNotFoundError) as error:
         print(f"mnist-mlops {stage}: error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        # Stages that never touch MLflow never import it (it costs a second).
+        mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+        if mlflow_exceptions is None or not isinstance(error, mlflow_exceptions.MlflowException):
+            raise
+        reason = error.message.strip().splitlines()[0]
+        print(f"mnist-mlops {stage}: MLflow at {tracking_uri()} failed: {reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interruption:
         print(f"mnist-mlops {stage}: interrupted {interruption}", file=sys.stderr)

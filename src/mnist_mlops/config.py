@@ -78,10 +78,18 @@ class TrainConfig:
 @dataclass(frozen=True)
 class MlflowConfig:
     experiment_name: str = "mnist"
+    http_retries: int = 2
+    http_timeout_seconds: int = 10
 
     def __post_init__(self) -> None:
         if not self.experiment_name.strip():
             raise ValueError("experiment_name must not be empty")
+        if self.http_retries < 0:
+            raise ValueError(f"http_retries must be 0 or more, got {self.http_retries}")
+        if self.http_timeout_seconds <= 0:
+            raise ValueError(
+                f"http_timeout_seconds must be positive, got {self.http_timeout_seconds}"
+            )
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ def evaluate(config: Config) -> dict[str, float]:
     """
     import mlflow
 
+    tracking.use_experiment(config.mlflow)
     keras = import_keras()
     run_id = json.loads(RUN_FILE.read_text())["run_id"]
     network = keras.saving.load_model(MODEL_FILE)
@@ -107,7 +108,6 @@ def evaluate(config: Config) -> dict[str, float]:
 
     write_json(PER_CLASS_FILE, result["per_class_accuracy"])
     write_text(PREDICTIONS_FILE, predictions_csv(labels, result["predicted"]))
-    tracking.use_experiment(config.mlflow.experiment_name)
     with tracking.active_run(run_id=run_id) as run:
         mlflow.log_metrics(metrics)
         per_class = result["per_class_accuracy"]

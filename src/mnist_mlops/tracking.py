@@ -18,8 +18,10 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import types
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mnist_mlops.config import MlflowConfig
 from mnist_mlops.models import IMAGE_SHAPE, NUM_CLASSES
 from mnist_mlops.paths import MLFLOW_ARTIFACTS_NAME, MLFLOW_DB_NAME, project_root
 
@@ -73,16 +76,27 @@ def _use_wal_mode() -> None:
         connection.execute("PRAGMA journal_mode=WAL")
 
 
-def use_experiment(name: str) -> str:
-    """Point MLflow at the tracking store and the experiment `name`, creating them if needed."""
+def use_experiment(config: MlflowConfig) -> str:
+    """Point MLflow at the tracking store and the configured experiment, creating them if needed.
+
+    Against a tracking server, requests are retried `http_retries` times and
+    time out after `http_timeout_seconds`, so a server that is down fails the
+    stage within seconds, not minutes.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(config.http_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(config.http_timeout_seconds))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     import mlflow
 
+    name = config.experiment_name
     # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
     embedded = embedded_store()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if not embedded:
-        return _get_or_create_experiment(name, artifact_location=None)
+        experiment_id = _get_or_create_experiment(name, artifact_location=None)
+        fail_abandoned_runs(experiment_id)
+        return experiment_id
     # Two processes creating the schema of one new database at once collide
     # ("duplicate column name"): the first creates it, the others wait.
     with project_lock("setup"):
@@ -90,6 +104,7 @@ def use_experiment(name: str) -> str:
             name, artifact_location=(project_root() / MLFLOW_ARTIFACTS_NAME).as_uri()
         )
         _use_wal_mode()
+    fail_abandoned_runs(experiment_id)
     return experiment_id
 
 
@@ -116,6 +131,42 @@ def _terminate(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs whose process on this host is gone; return their ids.
+
+    A run whose process was killed outright (SIGKILL, a crash) or that lost its
+    tracking server before it could end is left RUNNING by MLflow. Every run
+    records its host and process id, so the next stage on the same host can
+    tell such a run from one that is still going.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    abandoned = []
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'"
+    ):
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and not _process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "ended_by", "cleanup: its process had gone")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            abandoned.append(run.info.run_id)
+    if abandoned:
+        print(f"marked FAILED {len(abandoned)} abandoned run(s): {', '.join(abandoned)}")
+    return abandoned
+
+
 @contextmanager
 def active_run(**start_run_arguments) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume) a run and always end it: FINISHED, FAILED, or KILLED when interrupted.
@@ -130,14 +181,24 @@ def active_run(**start_run_arguments) -> Iterator[mlflow.ActiveRun]:
     run = mlflow.start_run(**start_run_arguments)
     status = "FAILED"
     try:
+        mlflow.set_tags({"host": socket.gethostname(), "pid": str(os.getpid())})
         yield run
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status)
         signal.signal(signal.SIGTERM, previous_handler)
+        try:
+            mlflow.end_run(status)
+        except Exception as error:  # the store itself may be what failed
+            print(
+                f"could not mark MLflow run {run.info.run_id} {status} ({type(error).__name__}); "
+                "the next stage on this host will mark it FAILED",
+                file=sys.stderr,
+            )
+            if status == "FINISHED":
+                raise
 
 
 def _git(*arguments: str) -> str | None:

@@ -72,12 +72,14 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
     """Fit the model, save it to `outputs`, log the run to MLflow; return the final metrics."""
     import mlflow
 
+    # The tracking store first: a server that is down fails the stage in
+    # seconds, before TensorFlow loads.
+    experiment_id = tracking.use_experiment(config.mlflow)
     keras = import_keras()
     train_images, train_labels = load_split("train")
     validation_images, validation_labels = load_split("validation")
     data_digest = load_manifest()["digest"]
 
-    experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
     # Under `dvc exp run` the MLflow run takes the DVC experiment's name. The
     # run starts before the seed is set, because MLflow draws its generated
     # names from Python's random module, which the seed also fixes.
