@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro test test-fast lint format params ui serve benchmark clean
+.PHONY: help install repro test test-fast lint format params ui serve tracking-server benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ ui: install ## Open the MLflow UI on the embedded store (http://127.0.0.1:$(PORT
 serve: install ## Serve the champion model over HTTP on 127.0.0.1:$(PORT)
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	mlflow models serve -m "models:/mnist-classifier@champion" --env-manager local --host 127.0.0.1 -p $(PORT)
+
+tracking-server: install ## The team's MLflow server on PostgreSQL (see the README's team section)
+	mnist-mlops tracking-server
 
 benchmark: install ## Benchmark the pipeline (seed script vs dvc repro) and the server
 	python benchmarks/pipeline.py

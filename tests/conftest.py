@@ -219,6 +219,8 @@ def serving(command: list[str], env: dict, url: str, ready_path: str, cwd=None):
             try:
                 with urllib.request.urlopen(f"{url}{ready_path}", timeout=2):
                     break
+            except urllib.error.HTTPError:
+                break  # it answers, if only to say that we may not
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.3)
         yield url

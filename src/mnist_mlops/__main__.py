@@ -110,6 +110,26 @@ def runs(top: int, filter_string: str, params_file: Path) -> int:
     return 0
 
 
+def tracking_server(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.team import TeamServerError, serve
+
+    if not arguments.backend_store_uri:
+        print("mnist-mlops tracking-server: give --backend-store-uri", file=sys.stderr)
+        return 2
+    try:
+        serve(
+            arguments.backend_store_uri,
+            arguments.artifacts_destination,
+            arguments.host,
+            arguments.port,
+            arguments.admin_uri,
+        )
+    except TeamServerError as error:
+        print(f"mnist-mlops tracking-server: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist-mlops", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -135,8 +155,27 @@ def main(argv: list[str] | None = None) -> int:
         "--filter", default="", help="an MLflow search filter, e.g. \"params.model.name = 'cnn'\""
     )
     leaderboard.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
+    team = commands.add_parser(
+        "tracking-server", help="run the team's MLflow server (PostgreSQL, login required)"
+    )
+    team.add_argument(
+        "--backend-store-uri",
+        default=os.environ.get("MNIST_TEAM_BACKEND_STORE_URI"),
+        help="postgresql://USER:PASSWORD@HOST:PORT/DATABASE (MNIST_TEAM_BACKEND_STORE_URI)",
+    )
+    team.add_argument(
+        "--admin-uri",
+        default=os.environ.get("MNIST_TEAM_POSTGRES_ADMIN_URI"),
+        help="a PostgreSQL superuser URI, to create the role and databases "
+        "(MNIST_TEAM_POSTGRES_ADMIN_URI)",
+    )
+    team.add_argument("--artifacts-destination", default="mlflow-team-artifacts")
+    team.add_argument("--host", default="127.0.0.1", help="bind address (%(default)s)")
+    team.add_argument("--port", type=int, default=5001, help="(%(default)s)")
     arguments = parser.parse_args(argv)
 
+    if arguments.command == "tracking-server":
+        return tracking_server(arguments)
     if arguments.command == "runs":
         return runs(arguments.top, arguments.filter, arguments.params)
     if arguments.command == "serve":

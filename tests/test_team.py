@@ -1,0 +1,238 @@
+"""Team mode against a real server: PostgreSQL + `mlflow server` + basic-auth, on 127.0.0.1.
+
+PostgreSQL comes from Debian's `postgresql` package, which .ci/run installs.
+Elsewhere these tests skip with the reason when it cannot be started.
+"""
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from .conftest import compose_config, copy_project, free_port, run, serving, subprocess_env
+
+TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
+
+
+def postgres_bindir() -> Path | None:
+    pg_config = shutil.which("pg_config")
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    if pg_config:
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout
+        candidates.insert(0, Path(bindir.strip()))
+    return next((path for path in candidates if (path / "initdb").exists()), None)
+
+
+def unavailable(reason: str):
+    """Skip here; in CI, where .ci/run installs PostgreSQL, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A private PostgreSQL cluster on a free port; yields its superuser URI and port."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        unavailable("PostgreSQL is not installed (apt-get install postgresql)")
+    # Not under pytest's tmp_path: its folders are private to root, and the
+    # cluster runs as the postgres user.
+    base = Path(tempfile.mkdtemp(prefix="mnist-postgres-"))
+    as_owner = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(base, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    password = secrets.token_hex(12)
+    (base / "password").write_text(password)
+    if as_owner:
+        shutil.chown(base / "password", "postgres")
+    port = free_port()
+    data = str(base / "data")
+    commands = [
+        [str(bindir / "initdb"), "-D", data, "-U", "postgres", "-A", "scram-sha-256"],
+        [str(bindir / "pg_ctl"), "-D", data, "-l", str(base / "log"), "-w", "-o"],
+    ]
+    commands[0].append(f"--pwfile={base / 'password'}")
+    commands[1] += [f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"]
+    for command in commands:
+        result = subprocess.run([*as_owner, *command], capture_output=True, text=True)
+        if result.returncode != 0:
+            unavailable(f"PostgreSQL could not be started: {result.stderr.strip()[-300:]}")
+    yield f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres", port
+    subprocess.run(
+        [*as_owner, str(bindir / "pg_ctl"), "-D", data, "-m", "fast", "stop"], capture_output=True
+    )
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def team_server(postgres, tmp_path_factory):
+    """`mnist-mlops tracking-server` on PostgreSQL; yields its URL and the admin password."""
+    admin_uri, postgres_port = postgres
+    artifacts = tmp_path_factory.mktemp("team-artifacts")
+    password = f"team-{secrets.token_hex(10)}"
+    backend = f"postgresql://mlflow:{secrets.token_hex(10)}@127.0.0.1:{postgres_port}/mlflow"
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "mnist_mlops", "tracking-server"),
+        *("--backend-store-uri", backend, "--admin-uri", admin_uri),
+        *("--artifacts-destination", str(artifacts), "--port", str(port)),
+    ]
+    env = subprocess_env(MLFLOW_TRACKING_ADMIN_PASSWORD=password)
+    with serving(command, env, f"http://127.0.0.1:{port}", "/health") as url:
+        yield url, password, artifacts
+
+
+def team_env(team_server, **extra) -> dict:
+    url, password, _artifacts = team_server
+    credentials = {
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": password,
+    }
+    return subprocess_env(**{**credentials, **extra})
+
+
+@pytest.fixture
+def team_client(team_server, monkeypatch):
+    url, password, _artifacts = team_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    return MlflowClient(url)
+
+
+def tiny_clone(directory: Path) -> Path:
+    project = copy_project(directory)
+    (project / "params.yaml").write_text(yaml.safe_dump(compose_config(*TINY, "train.epochs=1")))
+    return project
+
+
+def mnist_runs(client):
+    experiment = client.get_experiment_by_name("mnist")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_the_pipeline_tracks_registers_and_serves_through_the_server(
+    team_server, team_client, http_mirror, tmp_path
+):
+    project = tiny_clone(tmp_path / "clone")
+    env = team_env(team_server, MNIST_MIRROR=http_mirror)
+    run(["dvc", "repro"], project, env)
+
+    (logged,) = mnist_runs(team_client)
+    assert logged.info.status == "FINISHED"
+    assert logged.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert len(team_client.get_metric_history(logged.info.run_id, "loss")) == 1
+    champion = team_client.get_model_version_by_alias("mnist-classifier", "champion")
+    assert champion.tags["run_id"] == logged.info.run_id
+    _url, _password, artifacts = team_server
+    assert any(artifacts.rglob("MLmodel")), "artifacts are stored by the server, not the client"
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
+
+    board = run([sys.executable, "-m", "mnist_mlops", "runs"], project, env).stdout
+    assert logged.info.run_name in board and board.rstrip().endswith("*")
+
+    port = free_port()
+    command = [
+        *("mlflow", "models", "serve", "-m", "models:/mnist-classifier@champion"),
+        *("--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)),
+    ]
+    body = first_images(project)
+    with serving(command, env, f"http://127.0.0.1:{port}", "/ping") as url:
+        request = urllib.request.Request(
+            f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert len(json.load(response)["predictions"]) == 3
+
+
+def first_images(project: Path) -> bytes:
+    """The first three processed test images of a project, as an `inputs` request body."""
+    import numpy as np
+
+    with np.load(project / "data/processed/test.npz", allow_pickle=False) as arrays:
+        return json.dumps({"inputs": arrays["images"][:3].tolist()}).encode()
+
+
+def test_two_working_copies_log_at_the_same_time(team_server, team_client, http_mirror, tmp_path):
+    before = {item.info.run_id for item in mnist_runs(team_client)}
+    env = team_env(team_server, MNIST_MIRROR=http_mirror)
+    clones = [tiny_clone(tmp_path / name) for name in ("alice", "bob")]
+    processes = [
+        subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=clone,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for clone in clones
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    new = [item for item in mnist_runs(team_client) if item.info.run_id not in before]
+    assert len(new) == 2
+    assert {item.info.status for item in new} == {"FINISHED"}
+    recorded = {
+        json.loads((clone / "models/mlflow_run.json").read_text())["run_id"] for clone in clones
+    }
+    assert recorded == {item.info.run_id for item in new}
+    versions = {
+        version.tags["run_id"]
+        for version in team_client.search_model_versions("name = 'mnist-classifier'")
+    }
+    assert recorded <= versions
+
+
+def basic_auth(user: str, password: str) -> dict:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, basic_auth("admin", "wrong password")], ids=["none", "wrong"]
+)
+def test_requests_without_valid_credentials_are_refused(team_server, headers):
+    url, password, _artifacts = team_server
+    endpoint = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(endpoint, headers=headers), timeout=10)
+    assert refused.value.code == 401
+    allowed = urllib.request.Request(endpoint, headers=basic_auth("admin", password))
+    with urllib.request.urlopen(allowed, timeout=10) as response:
+        assert response.status == 200
+
+
+def test_a_stage_with_wrong_credentials_fails_with_one_line(team_server, tmp_path):
+    url, _password, _artifacts = team_server
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(compose_config()))
+    env = team_env(team_server, MLFLOW_TRACKING_PASSWORD="not the password")
+    result = run([sys.executable, "-m", "mnist_mlops", "train"], tmp_path, env, check=False)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"mnist-mlops train: MLflow at {url} failed")
+
+
+@pytest.mark.parametrize("password", ["", "password1234", "short"])
+def test_the_server_refuses_a_missing_or_weak_admin_password(password, tmp_path):
+    env = subprocess_env(MLFLOW_TRACKING_ADMIN_PASSWORD=password)
+    command = [
+        *(sys.executable, "-m", "mnist_mlops", "tracking-server"),
+        *("--backend-store-uri", "postgresql://mlflow:secret@127.0.0.1:9/mlflow"),
+    ]
+    result = run(command, tmp_path, env, check=False)
+    assert result.returncode == 2
+    assert "MLFLOW_TRACKING_ADMIN_PASSWORD" in result.stderr
