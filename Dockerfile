@@ -25,8 +25,8 @@ RUN apt-get update \
 
 WORKDIR /opt/mnist-mlops
 # The same locked dependencies as `make install`, then the project itself.
-COPY requirements.lock pyproject.toml README.md ./
-RUN pip install -r requirements.lock
+COPY requirements-lock.txt pyproject.toml README.md ./
+RUN pip install -r requirements-lock.txt
 COPY src ./src
 RUN pip install --no-deps . \
     && useradd --create-home --uid 1000 mlops

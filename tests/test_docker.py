@@ -39,13 +39,13 @@ def test_base_image_is_a_pinned_slim_python_the_project_supports():
 def test_image_installs_the_same_lock_file_as_make_install():
     makefile = (REPO_ROOT / "Makefile").read_text()
     readme = (REPO_ROOT / "README.md").read_text()
-    assert "pip install --quiet --disable-pip-version-check -r requirements.lock" in makefile
+    assert "pip install --quiet --disable-pip-version-check -r requirements-lock.txt" in makefile
     assert "make test" in readme and "docker build" in readme
     runs = instructions("RUN")
-    assert any("pip install -r requirements.lock" in command for command in runs)
+    assert any("pip install -r requirements-lock.txt" in command for command in runs)
     assert any("pip install --no-deps ." in command for command in runs)
     copied = " ".join(instructions("COPY"))
-    assert "requirements.lock" in copied and "src" in copied
+    assert "requirements-lock.txt" in copied and "src" in copied
 
 
 def test_image_runs_unprivileged_and_serves_on_the_exposed_port():

@@ -16,7 +16,6 @@ DATA_DIR = Path("data")
 RAW_DATA_DIR = DATA_DIR / "raw"
 PROCESSED_DATA_DIR = DATA_DIR / "processed"
 PROCESSED_MANIFEST = PROCESSED_DATA_DIR / "manifest.json"
-SPLITS = ("train", "validation", "test")
 
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"

@@ -19,7 +19,12 @@ from mnist_mlops.atomic import atomic_directory
 from mnist_mlops.config import Config
 from mnist_mlops.fetch import IDX_FILES, NPZ_FILE
 from mnist_mlops.models import IMAGE_SHAPE, NUM_CLASSES
-from mnist_mlops.paths import PROCESSED_DATA_DIR, PROCESSED_MANIFEST, RAW_DATA_DIR
+from mnist_mlops.paths import (
+    PROCESSED_DATA_DIR,
+    PROCESSED_MANIFEST,
+    RAW_DATA_DIR,
+    processed_split_file,
+)
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -173,14 +178,14 @@ def preprocess(config: Config, raw_dir: Path = RAW_DATA_DIR) -> dict:
     }
     with atomic_directory(PROCESSED_DATA_DIR) as staging:
         for name, (images, labels) in splits.items():
-            np.savez(staging / f"{name}.npz", images=images, labels=labels)
+            np.savez(staging / processed_split_file(name).name, images=images, labels=labels)
         (staging / PROCESSED_MANIFEST.name).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def load_split(split: str) -> Split:
     """The (images, labels) of one processed split."""
-    with np.load(PROCESSED_DATA_DIR / f"{split}.npz", allow_pickle=False) as archive:
+    with np.load(processed_split_file(split), allow_pickle=False) as archive:
         return archive["images"], archive["labels"]
 
 
