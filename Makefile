@@ -13,7 +13,7 @@ PORT ?= 5000
 .PHONY: help install repro test test-fast lint format params ui serve tracking-server benchmark clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: requirements-lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,10 @@ params: install ## Re-compose params.yaml from conf/ (what `dvc exp run` does)
 	python -c "import os; from dvc.utils.hydra import compose_and_dump; \
 	compose_and_dump('params.yaml', os.path.abspath('conf'), None, 'config', '.', [])"
 
-ui: install ## Open the MLflow UI on the embedded store (http://127.0.0.1:$(PORT))
+ui: install ## Open the MLflow UI on the embedded store (127.0.0.1:5000; PORT=… to change)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
 
-serve: install ## Serve the champion model over HTTP on 127.0.0.1:$(PORT)
+serve: install ## Serve the champion model over HTTP (127.0.0.1:5000; PORT=… to change)
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 	mlflow models serve -m "models:/mnist-classifier@champion" --env-manager local --host 127.0.0.1 -p $(PORT)
 
