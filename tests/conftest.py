@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -162,14 +163,46 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(command: list[str], cwd: Path, env: dict, check: bool = True):
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+def run(command: list[str], cwd: Path, env: dict, check: bool = True, timeout: float = 900):
+    """Run a command to completion; a command that hangs fails the test after `timeout` seconds."""
+    try:
+        result = subprocess.run(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as expired:
+        raise AssertionError(
+            f"{' '.join(command)} did not finish in {timeout:.0f} s\n"
+            f"stdout:\n{expired.stdout}\nstderr:\n{expired.stderr}"
+        ) from None
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited {result.returncode}\n"
             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
         )
     return result
+
+
+def kill_processes_in(directory: Path) -> list[int]:
+    """Kill every process working in `directory` (Linux), such as a queue worker left behind."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = (entry / "cwd").resolve(strict=True)
+        except OSError:  # gone already, or not ours to see
+            continue
+        if cwd == directory.resolve() or directory.resolve() in cwd.parents:
+            with suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 def copy_project(directory: Path) -> Path:

@@ -11,10 +11,49 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from .conftest import copy_project, free_port, run, serving, subprocess_env, write_mirror
+from .conftest import (
+    copy_project,
+    free_port,
+    kill_processes_in,
+    run,
+    serving,
+    subprocess_env,
+    write_mirror,
+)
 
 TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
 GRID = 4
+
+
+def start_queue(project, env, jobs: int) -> None:
+    """`dvc queue start`, which returns once its workers are spawned.
+
+    Each worker is spawned through a forked helper that keeps the caller's
+    stdout and stderr open until the worker exits, so this must not capture
+    them: with pipes, waiting for the command would wait for the whole queue.
+    """
+    with open(project.parent / "queue-start.log", "w") as log:
+        subprocess.run(
+            ["dvc", "queue", "start", "-j", str(jobs)],
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=True,
+        )
+
+
+def queue_report(project, env, status: str) -> str:
+    """The queue's status and the log of every task that did not succeed."""
+    report = [status]
+    for line in status.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 2 and fields[-1] != "Success" and not line.startswith("Worker"):
+            logs = run(["dvc", "queue", "logs", fields[0]], project, env, check=False, timeout=60)
+            report.append(f"--- {fields[1]} ---\n{logs.stdout}{logs.stderr}")
+    return "\n".join(report)
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +68,26 @@ def grid(tmp_path_factory):
     overrides = [f"-S{override}" for override in (*TINY, "train.epochs=1")]
     grid_overrides = ["-Smodel=mlp,cnn", "-Soptimizer=rmsprop,adam"]
     run(["dvc", "exp", "run", "--queue", *overrides, *grid_overrides], project, env)
-    run(["dvc", "queue", "start", "-j", "2"], project, env)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], project, env).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    else:
-        pytest.fail(f"the queue did not finish:\n{status}")
-    return project, env, status
+    start_queue(project, env, jobs=2)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = run(["dvc", "queue", "status"], project, env, timeout=120).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+        else:
+            pytest.fail(f"the queue did not finish in 900 s:\n{queue_report(project, env, status)}")
+        assert status.count("Success") == GRID, queue_report(project, env, status)
+        yield project, env
+    finally:
+        # Idle workers leave on their own after 10 s; never leave one behind.
+        run(["dvc", "queue", "stop", "--kill"], project, env, check=False, timeout=120)
+        kill_processes_in(project)
 
 
 def test_every_queued_experiment_lands_in_the_one_store(grid):
-    project, _env, status = grid
-    assert status.count("Success") == GRID, status
+    project, _env = grid
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
     assert len(runs) == GRID
@@ -71,7 +115,7 @@ def test_every_queued_experiment_lands_in_the_one_store(grid):
 
 
 def test_dvc_experiments_and_mlflow_runs_lead_to_each_other(grid):
-    project, env, _status = grid
+    project, env = grid
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project, env).stdout)
     experiments = {}
     for baseline in shown:
@@ -105,7 +149,7 @@ def leaderboard(project, env, *arguments):
 
 
 def test_leaderboard_lists_runs_best_first_and_marks_the_champion(grid):
-    project, env, _status = grid
+    project, env = grid
     header, lines = leaderboard(project, env)
     for column in ("run name", "DVC experiment", "model", "optimizer", "epochs", "val acc"):
         assert column in header
@@ -123,7 +167,7 @@ def test_leaderboard_lists_runs_best_first_and_marks_the_champion(grid):
 @pytest.fixture(scope="module")
 def ui_server(grid):
     """The real MLflow UI server on the grid's store, as the README starts it."""
-    project, env, _status = grid
+    project, env = grid
     port = free_port()
     command = [
         *("mlflow", "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"),
@@ -162,7 +206,7 @@ def test_mlflow_ui_shows_the_runs_metrics_and_registered_model(ui_server):
 
 
 def test_leaderboard_reads_a_tracking_server_too(grid, ui_server):
-    project, env, _status = grid
+    project, env = grid
     _header, local = leaderboard(project, env)
     _header, remote = leaderboard(project, {**env, "MLFLOW_TRACKING_URI": ui_server})
     assert [line.split() for line in remote] == [line.split() for line in local]

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import mlflow
@@ -108,6 +109,41 @@ def test_a_run_that_does_not_finish_is_never_left_running(workdir, exception, st
         raise exception
     _client, logged = only_run()
     assert logged.info.status == status
+
+
+def test_runs_logging_one_new_dataset_at_the_same_moment_all_record_it(workdir):
+    # The race a queued grid or two teammates hit: every run misses the dataset,
+    # and all but one then collide inserting it.
+    tracking.use_experiment(MlflowConfig())
+    dataset = mlflow.data.from_numpy(
+        np.zeros((4, 28, 28), np.uint8), name="mnist-train", digest="0123456789abcdef"
+    )
+    runs = 6
+    start_together = threading.Barrier(runs)
+    errors = []
+
+    def one_run():
+        try:
+            with mlflow.start_run():  # one active run per thread
+                start_together.wait()
+                tracking.log_dataset(dataset, context="training")
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=one_run) for _ in range(runs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    client = MlflowClient()
+    logged = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    assert len(logged) == runs
+    for each in logged:
+        assert [i.dataset.name for i in each.inputs.dataset_inputs] == ["mnist-train"]
+    database = workdir / "mlflow.db"
+    with sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM datasets").fetchone()[0] == 1
 
 
 def epochs_logged(database) -> int:

@@ -23,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -199,6 +200,28 @@ def active_run(**start_run_arguments) -> Iterator[mlflow.ActiveRun]:
             )
             if status == "FINISHED":
                 raise
+
+
+def log_dataset(dataset: mlflow.data.Dataset, context: str, attempts: int = 3) -> None:
+    """Record `dataset` as an input of the active run.
+
+    MLflow's stores look a dataset up by name and digest and insert it when it
+    is missing: two steps, not one. Two runs logging the same new dataset at
+    once (a queued grid, two teammates on one server) can both miss it, and the
+    slower insert then breaks the unique key. That attempt changes nothing, and
+    the next one finds the dataset the other run inserted.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException:
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
 
 
 def _git(*arguments: str) -> str | None:

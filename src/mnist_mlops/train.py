@@ -88,7 +88,7 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
         network = build_model(config.model, config.optimizer)
         mlflow.log_params(config.flat_params())
         mlflow.set_tags(tracking.provenance_tags(data_digest))
-        mlflow.log_input(
+        tracking.log_dataset(
             mlflow.data.from_numpy(train_images, name="mnist-train", digest=data_digest[:16]),
             context="training",
         )
