@@ -78,7 +78,9 @@ class MnistClassifier(PythonModel):
         # The first call traces the model: do it now, not in the first request.
         self.network.predict_on_batch(np.zeros((1, *IMAGE_SHAPE), dtype=np.float32))
 
-    def predict(self, context, model_input, params=None) -> list:
+    # The hint says what MLflow hands over after enforcing the tensor signature,
+    # and tells it not to infer a second schema from the hint.
+    def predict(self, context, model_input: np.ndarray, params=None) -> list:
         images = as_image_batch(model_input, self.max_batch_size)
         probabilities = np.asarray(self.network.predict_on_batch(images))
         return [
