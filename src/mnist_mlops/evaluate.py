@@ -16,7 +16,7 @@ import numpy as np
 from mnist_mlops import tracking
 from mnist_mlops.atomic import write_json, write_text
 from mnist_mlops.config import Config
-from mnist_mlops.models import NUM_CLASSES, import_keras
+from mnist_mlops.models import INFERENCE_BATCH_SIZE, NUM_CLASSES, import_keras
 from mnist_mlops.paths import (
     METRICS_FILE,
     MODEL_FILE,
@@ -28,7 +28,6 @@ from mnist_mlops.paths import (
 from mnist_mlops.preprocess import load_split
 from mnist_mlops.registry import register
 
-PREDICT_BATCH_SIZE = 1000
 # Keras clips probabilities to this before taking logs in its cross-entropy.
 _EPSILON = 1e-7
 
@@ -102,7 +101,7 @@ def evaluate(config: Config) -> dict[str, float]:
     run_id = json.loads(RUN_FILE.read_text())["run_id"]
     network = keras.saving.load_model(MODEL_FILE)
     images, labels = load_split("test")
-    probabilities = network.predict(images, batch_size=PREDICT_BATCH_SIZE, verbose=0)
+    probabilities = network.predict(images, batch_size=INFERENCE_BATCH_SIZE, verbose=0)
     result = score(labels, probabilities)
     metrics = {name: result[name] for name in ("test_accuracy", "test_loss")}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from mnist_mlops import tracking
 from mnist_mlops.atomic import atomic_path, write_json, write_text
 from mnist_mlops.config import Config, ConfigError, validate
-from mnist_mlops.models import build_model, import_keras
+from mnist_mlops.models import INFERENCE_BATCH_SIZE, build_model, import_keras
 from mnist_mlops.paths import CONFIG_DIR, MODEL_FILE, RUN_FILE, TRAINING_CURVES_FILE
 from mnist_mlops.preprocess import load_manifest, load_split
 
@@ -99,6 +99,7 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
             validation_data=(validation_images, validation_labels),
             epochs=config.train.epochs,
             batch_size=config.train.batch_size,
+            validation_batch_size=INFERENCE_BATCH_SIZE,
             callbacks=[_epoch_logger()],
             verbose=2,
         )
