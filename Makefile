@@ -49,15 +49,15 @@ ui: install ## Open the MLflow UI on the embedded store (127.0.0.1:5000; PORT=â€
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
 
 serve: install ## Serve the champion model over HTTP (127.0.0.1:5000; PORT=â€¦ to change)
-	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
-	mlflow models serve -m "models:/mnist-classifier@champion" --env-manager local --host 127.0.0.1 -p $(PORT)
+	mnist-mlops serve --host 127.0.0.1 --port $(PORT)
 
 tracking-server: install ## The team's MLflow server on PostgreSQL (see the README's team section)
 	mnist-mlops tracking-server
 
-benchmark: install ## Benchmark the pipeline (seed script vs dvc repro) and the server
+benchmark: install ## Benchmark the pipeline, the server and the serving environment's size
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
+	python benchmarks/environment.py
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,15 +1,23 @@
-"""Benchmark: the served champion against the same model under MLflow's stock Keras flavor.
+"""Benchmark: the served champion against MLflow's floor and the stock Keras flavor, in one run.
 
-Starts two `mlflow models serve` processes on 127.0.0.1 in the same run:
-  - the champion, `models:/mnist-classifier@champion` (this project's pyfunc:
-    input validation on, `predict_on_batch`);
-  - the Keras-flavor model that the same training run logged
-    (`runs:/<run>/model`, which calls `model.predict` per request);
-then sends single-image requests, first from one client in sequence, then from
-a few concurrent clients, and reports p50/p99 latency and requests per second.
+Starts, one after another, on 127.0.0.1:
+  - floor: a constant-output pyfunc with the champion's signature behind
+    MLflow's scoring server (`mnist-mlops serve`): what any model served this
+    way costs at least;
+  - champion: `models:/mnist-classifier@champion` under `mnist-mlops serve`
+    (MLflow's scoring server in one process; ONNX Runtime by default);
+  - champion, `mlflow models serve`: the same model under MLflow's own
+    command (two processes), for its start time and memory;
+  - stock Keras flavor: the Keras model that the champion's training run
+    logged (`runs:/<run>/model`, which calls `model.predict` per request).
+For each it measures the time from starting the command to its first answer
+to a one-image request, the memory of its processes (RSS, all of them), then
+single-image latency from one client in sequence and from a few at once.
 
-    python benchmarks/serving.py [--requests N] [--clients C]
+    python benchmarks/serving.py [--requests N] [--clients C] [--serve-env DIR]
 
+--serve-env serves the champion from another environment, such as the one
+`benchmarks/environment.py --keep DIR` builds from requirements-serve.txt.
 It uses the project's tracking store (MLFLOW_TRACKING_URI, else mlflow.db at
 the project root), so run `make repro` first.
 """
@@ -22,15 +30,31 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 PROJECT = Path(__file__).resolve().parents[1]
 CHAMPION = "models:/mnist-classifier@champion"
+
+CONSTANT_MODEL = """
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+ANSWER = [{"digit": 0, "probabilities": [1.0] + [0.0] * 9}]
+
+
+class Constant(PythonModel):
+    def predict(self, context, model_input, params=None):
+        return ANSWER * len(model_input)
+
+
+mlflow.models.set_model(Constant())
+"""
 
 
 def free_port() -> int:
@@ -39,26 +63,48 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(model_uri: str, env: dict) -> tuple[subprocess.Popen, int]:
+def post(port: int, body: bytes, timeout: float = 30) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(
+            "POST", "/invocations", body=body, headers={"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def start(command: list[str], env: dict, body: bytes) -> tuple[subprocess.Popen, int, float]:
+    """Start a server; return it, its port and the seconds until it first answered `body`."""
     port = free_port()
-    command = [
-        *(sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri),
-        *("--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)),
-    ]
+    started = time.perf_counter()
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*command, "--port" if command[0] != "mlflow" else "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    deadline = started + 180
+    while time.perf_counter() < deadline:
         if process.poll() is not None:
-            sys.exit(f"the server for {model_uri} exited with {process.returncode}")
+            sys.exit(f"{' '.join(command)} exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                return process, port
+            if post(port, body, timeout=5) == 200:
+                return process, port, time.perf_counter() - started
         except OSError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.02)
     process.kill()
-    sys.exit(f"the server for {model_uri} did not start")
+    sys.exit(f"{' '.join(command)} did not answer")
+
+
+def memory_mib(process: subprocess.Popen) -> float:
+    """Resident memory of the server and every process it started."""
+    parent = psutil.Process(process.pid)
+    members = [parent, *parent.children(recursive=True)]
+    return sum(member.memory_info().rss for member in members) / 2**20
 
 
 def client(port: int, body: bytes, count: int, latencies: list[float]) -> None:
@@ -66,29 +112,29 @@ def client(port: int, body: bytes, count: int, latencies: list[float]) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Content-Type": "application/json"}
     for _ in range(count):
-        started = time.perf_counter()
+        begun = time.perf_counter()
         connection.request("POST", "/invocations", body=body, headers=headers)
         response = connection.getresponse()
         response.read()
         if response.status != 200:
             sys.exit(f"request failed with HTTP {response.status}")
-        latencies.append(time.perf_counter() - started)
+        latencies.append(time.perf_counter() - begun)
     connection.close()
 
 
 def measure(port: int, body: bytes, requests: int, clients: int) -> dict:
-    client(port, body, 20, [])  # warm up
+    client(port, body, 50, [])  # warm up
     latencies: list[float] = []
     threads = [
         threading.Thread(target=client, args=(port, body, requests // clients, latencies))
         for _ in range(clients)
     ]
-    started = time.perf_counter()
+    begun = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - begun
     milliseconds = sorted(latency * 1000 for latency in latencies)
     return {
         "p50_ms": statistics.median(milliseconds),
@@ -97,10 +143,25 @@ def measure(port: int, body: bytes, requests: int, clients: int) -> dict:
     }
 
 
+def floor_model(directory: Path) -> str:
+    """Save the constant-output pyfunc, with the champion's signature, as models from code."""
+    import mlflow
+
+    from mnist_mlops.model_logging import classifier_signature
+
+    code = directory / "constant.py"
+    code.write_text(CONSTANT_MODEL)
+    path = directory / "floor"
+    mlflow.pyfunc.save_model(path, python_model=str(code), signature=classifier_signature())
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--starts", type=int, default=3, help="times each server is started")
+    parser.add_argument("--serve-env", type=Path, help="serve the champion from this venv")
     arguments = parser.parse_args()
 
     env = dict(os.environ)
@@ -115,37 +176,96 @@ def main() -> None:
 
     version = MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
     stock = f"runs:/{version.tags['run_id']}/model"
+    runtime = version.tags.get("serving.runtime", "keras")
 
     with np.load(PROJECT / "data" / "processed" / "test.npz", allow_pickle=False) as arrays:
         image = arrays["images"][:1]
     body = json.dumps({"inputs": image.tolist()}).encode()
 
-    results = {}
-    for name, model_uri in (("champion (pyfunc)", CHAMPION), ("stock Keras flavor", stock)):
-        process, port = start(model_uri, env)
-        try:
-            results[name] = {
-                "sequential": measure(port, body, arguments.requests, 1),
-                f"{arguments.clients} clients": measure(
-                    port, body, arguments.requests, arguments.clients
-                ),
-            }
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    ours = [str(Path(sys.executable).parent / "mnist-mlops"), "serve"]
+    if arguments.serve_env:
+        ours = [str(arguments.serve_env.resolve() / "bin" / "mnist-mlops"), "serve"]
+    mlflow_serve = [*("mlflow", "models", "serve", "--env-manager", "local", "-h", "127.0.0.1")]
 
-    print(f"champion v{version.version}; {arguments.requests} single-image requests per row")
-    print(f"{'server':20} {'clients':>12} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
-    for name, rows in results.items():
-        for mode, row in rows.items():
-            print(
-                f"{name:20} {mode:>12} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['rps']:8.1f}"
-            )
-    ours, theirs = results["champion (pyfunc)"], results["stock Keras flavor"]
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        servers = {
+            "floor (constant pyfunc)": [*ours, "--model-uri", floor_model(Path(scratch))],
+            f"champion ({runtime})": [*ours, "--model-uri", CHAMPION],
+            "champion, mlflow serve": [*mlflow_serve, "-m", CHAMPION],
+            "stock Keras flavor": [*mlflow_serve, "-m", stock],
+        }
+        # Starting is timed `--starts` times per server (the median counts);
+        # latency is measured on the last start.
+        for name, command in servers.items():
+            start_times = []
+            for attempt in range(arguments.starts):
+                process, port, start_seconds = start(command, env, body)
+                start_times.append(start_seconds)
+                if attempt < arguments.starts - 1:
+                    process.terminate()
+                    process.wait(timeout=30)
+            # The stock flavor answers ~20 requests a second: a quarter of the count will do.
+            requests = arguments.requests // (4 if name == "stock Keras flavor" else 1)
+            try:
+                row = {"start_s": statistics.median(start_times)}
+                row["sequential"] = measure(port, body, requests, 1)
+                row["concurrent"] = measure(port, body, requests, arguments.clients)
+                row["memory_mib"] = memory_mib(process)
+                results[name] = row
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+
+        # The floor and the champion once more, side by side: rounds of
+        # sequential requests in turn, so that the machine's drift hits both.
+        floor_command = servers["floor (constant pyfunc)"]
+        champion_command = servers[f"champion ({runtime})"]
+        paired: dict[str, list[float]] = {"floor": [], "champion": []}
+        floor_process, floor_port, _ = start(floor_command, env, body)
+        champion_process, champion_port, _ = start(champion_command, env, body)
+        try:
+            for port in (floor_port, champion_port):
+                client(port, body, 50, [])
+            for _round in range(10):
+                client(floor_port, body, arguments.requests // 10, paired["floor"])
+                client(champion_port, body, arguments.requests // 10, paired["champion"])
+        finally:
+            for process in (floor_process, champion_process):
+                process.terminate()
+                process.wait(timeout=30)
+
     print(
-        f"sequential throughput: {ours['sequential']['rps'] / theirs['sequential']['rps']:.1f}x "
-        f"the stock flavor (target >= 10x); champion p50 {ours['sequential']['p50_ms']:.2f} ms "
-        "(target <= 5 ms)"
+        f"champion v{version.version} ({runtime}); {arguments.requests} single-image requests "
+        f"per row; concurrent = {arguments.clients} clients"
+    )
+    print(
+        f"{'server':26} {'start s':>8} {'memory MiB':>11} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'req/s':>7} {'conc. p50':>10} {'conc. req/s':>12}"
+    )
+    for name, row in results.items():
+        sequential, concurrent = row["sequential"], row["concurrent"]
+        print(
+            f"{name:26} {row['start_s']:8.2f} {row['memory_mib']:11.0f} "
+            f"{sequential['p50_ms']:7.2f} {sequential['p99_ms']:7.2f} {sequential['rps']:7.1f} "
+            f"{concurrent['p50_ms']:10.2f} {concurrent['rps']:12.1f}"
+        )
+    champion = results[f"champion ({runtime})"]
+    keras_flavor = results["stock Keras flavor"]
+    floor_p50 = statistics.median(paired["floor"]) * 1000
+    champion_p50 = statistics.median(paired["champion"]) * 1000
+    print(
+        f"side by side, {len(paired['floor'])} requests each: floor p50 {floor_p50:.2f} ms, "
+        f"champion p50 {champion_p50:.2f} ms: {champion_p50 / floor_p50:.2f}x the floor "
+        "(target <= 1.25)"
+    )
+    print(
+        f"champion vs stock Keras flavor, sequential throughput: "
+        f"{champion['sequential']['rps'] / keras_flavor['sequential']['rps']:.1f}x (target >= 20x)"
+    )
+    print(
+        f"champion start to first answer: {champion['start_s']:.2f} s (target <= 2.5 s); "
+        f"memory {champion['memory_mib']:.0f} MiB (target <= 250 MB)"
     )
 
 

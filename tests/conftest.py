@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -238,31 +239,41 @@ def free_port() -> int:
 
 @contextmanager
 def serving(command: list[str], env: dict, url: str, ready_path: str, cwd=None):
-    """Run a server command until `url + ready_path` answers; stop it afterwards."""
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"{command[0]} exited:\n{process.stdout.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{' '.join(command)} did not answer within 120 s")
-            try:
-                with urllib.request.urlopen(f"{url}{ready_path}", timeout=2):
-                    break
-            except urllib.error.HTTPError:
-                break  # it answers, if only to say that we may not
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.3)
-        yield url
-    finally:
-        process.terminate()
+    """Run a server command until `url + ready_path` answers; stop it afterwards.
+
+    Its output goes to a file, not a pipe: a pipe that nobody reads fills up
+    after 64 KB of access log, and the server then blocks on its next write.
+    """
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            _wait_until_ready(process, command, log, f"{url}{ready_path}")
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _wait_until_ready(process: subprocess.Popen, command: list[str], log, ready_url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"{command[0]} exited:\n{log.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{' '.join(command)} did not answer within 120 s")
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers, if only to say that we may not
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -13,11 +13,24 @@ from .conftest import REPO_ROOT
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
 
-def instructions(keyword: str) -> list[str]:
-    joined = DOCKERFILE.replace("\\\n", " ")
+def stages() -> dict[str, str]:
+    """Each build stage's text, by its name (`FROM … AS name`)."""
+    found = {}
+    for block in re.split(r"^(?=FROM )", DOCKERFILE, flags=re.MULTILINE)[1:]:
+        found[block.split()[3]] = block
+    return found
+
+
+def instructions(keyword: str, text: str = DOCKERFILE) -> list[str]:
+    joined = text.replace("\\\n", " ")
     return [
         line.split(None, 1)[1] for line in joined.splitlines() if line.startswith(keyword + " ")
     ]
+
+
+def lock(name: str) -> dict[str, str]:
+    lines = (REPO_ROOT / name).read_text().splitlines()
+    return dict(line.lower().split("==") for line in lines if "==" in line)
 
 
 def test_hadolint_finds_nothing():
@@ -29,31 +42,52 @@ def test_hadolint_finds_nothing():
 
 
 def test_base_image_is_a_pinned_slim_python_the_project_supports():
-    (base,) = instructions("FROM")
-    match = re.fullmatch(r"python:(\d+\.\d+\.\d+)-slim-\w+", base)
+    base = instructions("FROM")[0]
+    match = re.fullmatch(r"python:(\d+\.\d+\.\d+)-slim-\w+ AS base", base)
     assert match, f"base image {base!r} is not a pinned slim Python"
     requires = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     assert match.group(1) in SpecifierSet(requires["requires-python"])
+    assert instructions("FROM")[1:] == ["base AS serve", "base AS pipeline"]
 
 
-def test_image_installs_the_same_lock_file_as_make_install():
+def test_pipeline_image_installs_the_same_lock_file_as_make_install():
     makefile = (REPO_ROOT / "Makefile").read_text()
     readme = (REPO_ROOT / "README.md").read_text()
     assert "pip install --quiet --disable-pip-version-check -r requirements-lock.txt" in makefile
     assert "make test" in readme and "docker build" in readme
-    runs = instructions("RUN")
+    pipeline = stages()["pipeline"]
+    runs = instructions("RUN", pipeline)
     assert any("pip install -r requirements-lock.txt" in command for command in runs)
     assert any("pip install --no-deps ." in command for command in runs)
-    copied = " ".join(instructions("COPY"))
+    copied = " ".join(instructions("COPY", pipeline))
     assert "requirements-lock.txt" in copied and "src" in copied
 
 
-def test_image_runs_unprivileged_and_serves_on_the_exposed_port():
-    (user,) = instructions("USER")
-    assert user not in ("root", "0")
+def test_serving_image_installs_only_the_serving_pins_and_no_tensorflow():
+    serve = stages()["serve"]
+    runs = instructions("RUN", serve)
+    assert any(
+        "pip install --no-deps -r requirements-serve.txt" in command and "pip check" in command
+        for command in runs
+    )
+    assert "requirements-lock.txt" not in serve
+    serving, locked = lock("requirements-serve.txt"), lock("requirements-lock.txt")
+    # One tested set: every serving pin is the lock file's.
+    assert {name: locked.get(name) for name in serving} == serving
+    for absent in ("tensorflow", "keras", "dvc", "hydra-core", "mlflow", "tf2onnx", "onnx"):
+        assert absent not in serving, absent
+    for present in ("mlflow-skinny", "onnxruntime", "numpy", "pandas", "uvicorn"):
+        assert present in serving, present
+
+
+def test_images_run_unprivileged_and_serve_on_the_exposed_port():
+    for name in ("serve", "pipeline"):
+        text = stages()[name]
+        (user,) = instructions("USER", text)
+        assert user not in ("root", "0"), name
+        assert instructions("ENTRYPOINT", text) == ['["mnist-mlops"]'], name
+        assert instructions("CMD", text) == ['["serve"]'], name
     assert instructions("EXPOSE") == ["5000"]
-    assert instructions("ENTRYPOINT") == ['["mnist-mlops"]']
-    assert instructions("CMD") == ['["serve"]']
 
 
 def test_dockerignore_keeps_data_stores_and_environments_out():

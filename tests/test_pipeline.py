@@ -37,7 +37,12 @@ def test_dvc_repro_end_to_end(project, http_mirror):
 
     first = run(["dvc", "repro"], project, env)
     assert stages_run(first.stdout) == list(STAGES)
-    for output in ("data/raw/mnist.npz", "data/processed/test.npz", "models/model.keras"):
+    for output in (
+        "data/raw/mnist.npz",
+        "data/processed/test.npz",
+        "models/model.keras",
+        "models/model.onnx",
+    ):
         assert (project / output).is_file(), output
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert 0 <= metrics["test_accuracy"] <= 1
@@ -126,6 +131,16 @@ def test_a_failing_stage_records_no_output(project, tmp_path):
     assert not (project / "dvc.lock").exists()
 
 
+def keras_test_accuracy(project) -> float:
+    """The Keras model's own accuracy on the test set, to hold the ONNX evaluation against."""
+    from mnist_mlops.models import import_keras
+
+    network = import_keras().saving.load_model(project / "models/model.keras")
+    with np.load(project / "data/processed/test.npz", allow_pickle=False) as arrays:
+        probabilities = network.predict(arrays["images"], batch_size=1000, verbose=0)
+        return float(np.mean(probabilities.argmax(axis=1) == arrays["labels"]))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST mirror not found at {REAL_MNIST}")
 def test_real_mnist_reaches_the_target_accuracies(project):
@@ -137,11 +152,13 @@ def test_real_mnist_reaches_the_target_accuracies(project):
     assert manifest["examples"] == {"train": 54000, "validation": 6000, "test": 10000}
     mlp = json.loads((project / "reports/metrics.json").read_text())
     assert mlp["test_accuracy"] >= 0.975, mlp
+    assert keras_test_accuracy(project) == pytest.approx(mlp["test_accuracy"], abs=1e-4)
 
     result = run(["dvc", "exp", "run", "-S", "experiment=cnn_fast"], project, env)
     assert stages_run(result.stdout) == ["train", "evaluate"]
     cnn = json.loads((project / "reports/metrics.json").read_text())
     assert cnn["test_accuracy"] >= 0.992, cnn
+    assert keras_test_accuracy(project) == pytest.approx(cnn["test_accuracy"], abs=1e-4)
     registry = json.loads((project / "reports/registry.json").read_text())
     assert registry["version"] == 2 and registry["promoted"], registry
 
@@ -161,7 +178,7 @@ def test_results_travel_through_the_dvc_remote(project, http_mirror):
     run(["git", "clone", "-q", str(project), str(second)], project.parent, env)
     assert not (second / "models" / "model.keras").exists()
     run(["dvc", "pull"], second, env)
-    for output in ("data/raw/mnist.npz", "data/processed/train.npz", "models/model.keras"):
+    for output in ("data/raw/mnist.npz", "data/processed/train.npz", "models/model.onnx"):
         assert (second / output).read_bytes() == (project / output).read_bytes(), output
     status = run(["dvc", "repro"], second, env)
     assert stages_run(status.stdout) == []
@@ -184,5 +201,5 @@ def test_git_ignores_what_the_pipeline_generates(project, http_mirror):
     # and the .gitignore files DVC writes for its outputs.
     assert not {path for path in changed if path.startswith(("data/raw", "data/processed"))}
     assert not {path for path in changed if "mlflow.db" in path or "mlartifacts" in path}
-    assert "models/model.keras" not in changed
+    assert not {path for path in changed if path.startswith("models/")}
     assert "dvc.lock" in changed

@@ -2,7 +2,11 @@
 
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -74,15 +78,96 @@ def server(store):
         yield url
 
 
-def test_the_image_entry_point_serves_the_champion_of_the_project_store(store):
-    """`mnist-mlops serve`, the Docker entry point, finds the store at the project root."""
+def test_the_serve_command_serves_the_champion_of_the_project_store(store, in_process):
+    """`mnist-mlops serve` (`make serve`, the images' entry point) finds the store at the root.
+
+    It runs MLflow's scoring server in its own process: the same answers and
+    the same 400s as `mlflow models serve`, and it stops cleanly on SIGTERM.
+    """
     uri, images = store
     project = Path(uri.removeprefix("sqlite:///")).parent
     port = free_port()
     command = [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(port)]
-    with serving(command, subprocess_env(), f"http://127.0.0.1:{port}", "/ping", project) as url:
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        command, cwd=project, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_until_it_answers(process, url)
         status, answer = post(url, json.dumps({"inputs": images[:2].tolist()}))
-    assert status == 200 and len(answer["predictions"]) == 2
+        assert status == 200
+        assert answer["predictions"] == expected(in_process, images[:2])
+        status, answer = post(url, image_body(value=256))
+        assert status == 400 and "0–255" in answer["message"]
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    # uvicorn finishes its shutdown, then ends by the signal it was sent.
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Finished server process" in output.decode()
+
+
+def wait_until_it_answers(process: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    pytest.fail(f"{url} did not answer within 120 s")
+
+
+def test_the_serve_command_explains_a_missing_model_in_one_line(tmp_path):
+    result = run(
+        [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(free_port())],
+        tmp_path,
+        subprocess_env(),
+        check=False,
+    )
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mnist-mlops")]
+    assert line == (
+        f"mnist-mlops serve: no MLflow store at {tmp_path}/mlflow.db: run `make repro` first, "
+        "or set MLFLOW_TRACKING_URI"
+    )
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_serve_command_explains_a_store_without_a_champion(tmp_path):
+    from mlflow import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
+    result = run(
+        [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(free_port())],
+        tmp_path,
+        subprocess_env(),
+        check=False,
+    )
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mnist-mlops")]
+    assert line.startswith(f"mnist-mlops serve: cannot load {CHAMPION_URI} from sqlite:///")
+
+
+def test_the_serve_command_fails_when_its_port_is_taken(store):
+    uri, _images = store
+    project = Path(uri.removeprefix("sqlite:///")).parent
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(port)],
+            project,
+            subprocess_env(),
+            check=False,
+            timeout=120,
+        )
+    assert result.returncode == 3  # uvicorn's status for a server that could not start
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert "address already in use" in error
 
 
 @pytest.fixture(scope="module")

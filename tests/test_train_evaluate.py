@@ -227,3 +227,25 @@ def test_hydra_app_rejects_a_bad_override_in_one_line(workdir):
 
 def test_compose_config_applies_overrides():
     assert compose_config("train.epochs=3")["train"]["epochs"] == 3
+
+
+def test_the_confusion_image_shades_each_cell_by_its_count():
+    from mnist_mlops import figures
+
+    matrix = np.zeros((10, 10), dtype=np.int64)
+    matrix[3, 3], matrix[3, 5] = 50, 25
+
+    def cell_colour(actual: int, predicted: int) -> tuple:
+        # A corner of the cell, clear of the count written in its middle.
+        left = figures.MARGIN + predicted * figures.CELL + 3
+        upper = figures.TOP + actual * figures.CELL + 3
+        return image.getpixel((left, upper))
+
+    image = figures.confusion_image(matrix)
+    assert cell_colour(3, 3) == (8, 48, 107), "the largest count is the darkest"
+    assert cell_colour(0, 0) == (247, 251, 255), "an empty cell is white"
+    half = cell_colour(3, 5)
+    assert all(
+        dark < value < light
+        for dark, value, light in zip((8, 48, 107), half, (247, 251, 255), strict=True)
+    )

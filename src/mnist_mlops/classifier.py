@@ -12,8 +12,12 @@ answers `{"digit": d, "probabilities": [p0, …, p9]}` for each image. Every
 rejected request is an MlflowException, which the server turns into a 400
 with the message as JSON.
 
-It calls Keras's `predict_on_batch`, not `predict`: for a handful of images
-`predict` spends ~40 ms building its data pipeline, `predict_on_batch` ~0.4 ms.
+It runs one of two runtimes, whichever model file was logged with it:
+- ONNX Runtime on the model that `train` exported and checked against Keras
+  (the default): no TensorFlow, a small environment, ~13 µs per image;
+- Keras, for architectures that ONNX cannot represent, with `predict_on_batch`
+  rather than `predict`: for a handful of images `predict` spends ~40 ms
+  building its data pipeline, `predict_on_batch` ~0.4 ms.
 """
 
 import json
@@ -27,6 +31,7 @@ from mlflow.pyfunc import PythonModel
 
 IMAGE_SHAPE = (28, 28)
 MAX_PIXEL = 255
+ONNX_ARTIFACT = "onnx_model"
 KERAS_ARTIFACT = "keras_model"
 SETTINGS_ARTIFACT = "serving_settings"
 DEFAULT_MAX_BATCH_SIZE = 1024
@@ -52,10 +57,12 @@ def as_image_batch(model_input, max_batch_size: int) -> np.ndarray:
         raise bad_request("the batch is empty: send at least one image")
     if len(images) > max_batch_size:
         raise bad_request(f"a batch of {len(images)} images is over the limit of {max_batch_size}")
-    if not np.isfinite(images).all():
-        raise bad_request("pixel values must be finite numbers")
     low, high = float(images.min()), float(images.max())
-    if low < 0 or high > MAX_PIXEL:
+    # NaN fails both comparisons and an infinity fails one, so a good request
+    # costs two reductions; only a bad one is looked at more closely.
+    if not (low >= 0 and high <= MAX_PIXEL):
+        if not np.isfinite(images).all():
+            raise bad_request("pixel values must be finite numbers")
         raise bad_request(
             f"pixel values must be raw intensities in 0–{MAX_PIXEL}, got values in {low:g}–{high:g}"
         )
@@ -63,30 +70,58 @@ def as_image_batch(model_input, max_batch_size: int) -> np.ndarray:
 
 
 class MnistClassifier(PythonModel):
-    """Classifies raw MNIST-style digit images with the trained Keras model."""
+    """Classifies raw MNIST-style digit images with the trained model."""
 
     def load_context(self, context) -> None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import keras
-
-        self.network = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT])
         settings = {}
         if SETTINGS_ARTIFACT in context.artifacts:
             with open(context.artifacts[SETTINGS_ARTIFACT]) as stream:
                 settings = json.load(stream)
         self.max_batch_size = int(settings.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
-        # The first call traces the model: do it now, not in the first request.
-        self.network.predict_on_batch(np.zeros((1, *IMAGE_SHAPE), dtype=np.float32))
+        if ONNX_ARTIFACT in context.artifacts:
+            self.probabilities = _onnx_runtime(context.artifacts[ONNX_ARTIFACT])
+        else:
+            self.probabilities = _keras_runtime(context.artifacts[KERAS_ARTIFACT])
+        # The first call initialises the runtime: do it now, not in the first request.
+        self.probabilities(np.zeros((1, *IMAGE_SHAPE), dtype=np.float32))
 
     # The hint says what MLflow hands over after enforcing the tensor signature,
     # and tells it not to infer a second schema from the hint.
     def predict(self, context, model_input: np.ndarray, params=None) -> list:
         images = as_image_batch(model_input, self.max_batch_size)
-        probabilities = np.asarray(self.network.predict_on_batch(images))
+        probabilities = self.probabilities(images).astype(np.float64)
+        digits = probabilities.argmax(axis=1).tolist()
+        rounded = probabilities.round(6).tolist()
         return [
-            {"digit": int(row.argmax()), "probabilities": [round(float(p), 6) for p in row]}
-            for row in probabilities
+            {"digit": digit, "probabilities": row}
+            for digit, row in zip(digits, rounded, strict=True)
         ]
+
+
+def _onnx_runtime(model_file: str):
+    import onnxruntime
+
+    # ONNX Runtime's default thread pool: measured behind the scoring server,
+    # a single thread answered single images slower, not faster.
+    session = onnxruntime.InferenceSession(model_file, providers=["CPUExecutionProvider"])
+    (model_input,) = session.get_inputs()
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        return session.run(None, {model_input.name: images})[0]
+
+    return probabilities
+
+
+def _keras_runtime(model_file: str):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    network = keras.saving.load_model(model_file)
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        return np.asarray(network.predict_on_batch(images))
+
+    return probabilities
 
 
 mlflow.models.set_model(MnistClassifier())

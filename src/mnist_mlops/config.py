@@ -20,6 +20,8 @@ from mnist_mlops.models import MODELS, OPTIMIZERS
 from mnist_mlops.paths import PARAMS_FILE
 
 DATA_FORMATS = ("auto", "npz", "idx")
+# What runs the served model: the ONNX export (no TensorFlow) or Keras itself.
+SERVING_RUNTIMES = ("onnx", "keras")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -107,8 +109,12 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class ServingConfig:
     max_batch_size: int = 1024
+    runtime: str = "onnx"
 
     def __post_init__(self) -> None:
+        if self.runtime not in SERVING_RUNTIMES:
+            choices = ", ".join(SERVING_RUNTIMES)
+            raise ValueError(f"runtime must be one of {choices}, got {self.runtime!r}")
         if self.max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
 

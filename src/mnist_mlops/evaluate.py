@@ -1,5 +1,9 @@
 """Stage `evaluate`: score the trained model on the test set, in the training run.
 
+It scores the artifact that will be served: with `serving.runtime: onnx` (the
+default) models/model.onnx under ONNX Runtime, without ever importing
+TensorFlow; with `keras`, models/model.keras under Keras.
+
 Writes reports/metrics.json (DVC metrics), per-class accuracy, and every
 test prediction as a CSV that DVC draws as a confusion matrix; logs the same
 numbers and a confusion-matrix image to the MLflow run that trained the model.
@@ -13,13 +17,15 @@ import json
 
 import numpy as np
 
-from mnist_mlops import tracking
+from mnist_mlops import model_logging, tracking
 from mnist_mlops.atomic import write_json, write_text
 from mnist_mlops.config import Config
+from mnist_mlops.figures import confusion_image
 from mnist_mlops.models import INFERENCE_BATCH_SIZE, NUM_CLASSES, import_keras
 from mnist_mlops.paths import (
     METRICS_FILE,
     MODEL_FILE,
+    ONNX_MODEL_FILE,
     PER_CLASS_FILE,
     PREDICTIONS_FILE,
     REGISTRY_FILE,
@@ -66,43 +72,32 @@ def predictions_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
     return buffer.getvalue()
 
 
-def confusion_figure(matrix: np.ndarray):
-    import matplotlib
+def served_model_file(config: Config):
+    """The model file that the configured runtime scores and serves."""
+    return ONNX_MODEL_FILE if config.serving.runtime == "onnx" else MODEL_FILE
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(6, 5.5))
-    image = axes.imshow(matrix, cmap="Blues")
-    for (actual, predicted), count in np.ndenumerate(matrix):
-        color = "white" if count > matrix.max() / 2 else "black"
-        axes.text(predicted, actual, str(count), ha="center", va="center", fontsize=7, color=color)
-    axes.set(
-        xticks=range(NUM_CLASSES),
-        yticks=range(NUM_CLASSES),
-        xlabel="predicted digit",
-        ylabel="true digit",
-        title="Confusion matrix (test set)",
-    )
-    figure.colorbar(image, ax=axes)
-    figure.tight_layout()
-    return figure
+def served_probabilities(config: Config, images: np.ndarray) -> np.ndarray:
+    """The served model's probabilities for `images`, from the configured runtime."""
+    if config.serving.runtime == "onnx":
+        from mnist_mlops.onnx_export import inference_session, predict_probabilities
+
+        return predict_probabilities(inference_session(ONNX_MODEL_FILE), images)
+    network = import_keras().saving.load_model(MODEL_FILE)
+    return network.predict(images, batch_size=INFERENCE_BATCH_SIZE, verbose=0)
 
 
 def evaluate(config: Config) -> dict[str, float]:
-    """Evaluate models/model.keras on the test split, register it, apply the promotion gate.
+    """Evaluate the served model file on the test split, register it, apply the promotion gate.
 
     Returns test_accuracy and test_loss.
     """
     import mlflow
 
     tracking.use_experiment(config.mlflow)
-    keras = import_keras()
     run_id = json.loads(RUN_FILE.read_text())["run_id"]
-    network = keras.saving.load_model(MODEL_FILE)
     images, labels = load_split("test")
-    probabilities = network.predict(images, batch_size=INFERENCE_BATCH_SIZE, verbose=0)
-    result = score(labels, probabilities)
+    result = score(labels, served_probabilities(config, images))
     metrics = {name: result[name] for name in ("test_accuracy", "test_loss")}
 
     write_json(PER_CLASS_FILE, result["per_class_accuracy"])
@@ -113,7 +108,7 @@ def evaluate(config: Config) -> dict[str, float]:
         mlflow.log_metrics(
             {f"test_accuracy_digit_{digit}": per_class[digit] for digit in per_class}
         )
-        mlflow.log_figure(confusion_figure(result["confusion_matrix"]), "confusion_matrix.png")
+        mlflow.log_image(confusion_image(result["confusion_matrix"]), "confusion_matrix.png")
         mlflow.log_dict(per_class, "per_class_accuracy.json")
         registration = _register(config, run, metrics["test_accuracy"], images[:1])
         mlflow.set_tags(
@@ -150,15 +145,23 @@ def _register(config: Config, run, test_accuracy: float, example: np.ndarray):
         "git.commit": tags.get("git.commit", "unknown"),
         "data.digest": tags.get("data.digest", "unknown"),
         "model.name": config.model_name,
+        "serving.runtime": config.serving.runtime,
     }
     if tags.get("dvc.exp_name"):
         provenance["dvc.exp_name"] = tags["dvc.exp_name"]
-    model_info = tracking.log_classifier(MODEL_FILE, example, config.serving.max_batch_size)
+    runtime = config.serving.runtime
+    model_info = model_logging.log_classifier(
+        runtime, served_model_file(config), example, config.serving.max_batch_size
+    )
+    served_by = {
+        "onnx": "ONNX Runtime on the ONNX export (checked against Keras; no TensorFlow)",
+        "keras": "Keras on TensorFlow",
+    }[runtime]
     description = (
         f"{config.model_name} trained for {config.train.epochs} epochs on MNIST "
         f"(processed data {provenance['data.digest'][:12]}) at commit "
         f"{provenance['git.commit'][:12]}; test_accuracy {test_accuracy:.4f}. "
-        f"MLflow run {run.info.run_id}."
+        f"Served by {served_by}. MLflow run {run.info.run_id}."
     )
     # Queued experiments evaluate side by side: reading the champion and moving
     # the alias must not interleave, or a worse model could be promoted last.

@@ -21,6 +21,7 @@ COLUMNS = (
     ("test_accuracy", "test acc"),
     ("duration", "duration"),
     ("version", "version"),
+    ("runtime", "runtime"),
     ("champion", CHAMPION),
 )
 
@@ -38,6 +39,7 @@ class Row:
     test_accuracy: float | None
     duration_seconds: float | None
     version: str
+    runtime: str
     champion: bool
 
     def cells(self) -> dict[str, str]:
@@ -55,6 +57,7 @@ class Row:
             "test_accuracy": accuracy(self.test_accuracy),
             "duration": duration if self.status == "FINISHED" else self.status,
             "version": self.version or "-",
+            "runtime": self.runtime or "-",
             "champion": "*" if self.champion else "",
         }
 
@@ -95,6 +98,8 @@ def rows(experiment_name: str, model_name: str, top: int, filter_string: str = "
                 test_accuracy=metrics.get("test_accuracy"),
                 duration_seconds=(ended - run.info.start_time) / 1000 if ended else None,
                 version=version,
+                # Runs from before the ONNX runtime existed were all served by Keras.
+                runtime=tags.get("serving.runtime", "keras" if version else ""),
                 champion=bool(version) and version == champion_version,
             )
         )

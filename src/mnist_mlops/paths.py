@@ -19,6 +19,7 @@ PROCESSED_MANIFEST = PROCESSED_DATA_DIR / "manifest.json"
 
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"
+ONNX_MODEL_FILE = MODELS_DIR / "model.onnx"
 RUN_FILE = MODELS_DIR / "mlflow_run.json"
 
 REPORTS_DIR = Path("reports")

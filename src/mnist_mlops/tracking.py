@@ -15,34 +15,25 @@ schema: `use_experiment` sees to all three.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from mnist_mlops.config import MlflowConfig
-from mnist_mlops.models import IMAGE_SHAPE, NUM_CLASSES
 from mnist_mlops.paths import MLFLOW_ARTIFACTS_NAME, MLFLOW_DB_NAME, project_root
 
 if TYPE_CHECKING:
-    import keras
     import mlflow
 
+    from mnist_mlops.config import MlflowConfig
+
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-MODEL_ARTIFACT = "model"
 # How long a connection waits for another process's write to finish.
 SQLITE_BUSY_TIMEOUT_SECONDS = 60
 
@@ -253,88 +244,3 @@ def provenance_tags(data_digest: str) -> dict[str, str]:
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
     return tags
-
-
-def model_signature() -> mlflow.models.ModelSignature:
-    """Input: a batch of raw 28×28 images with pixels in 0–255; output: 10 probabilities."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
-    )
-
-
-def pip_requirements() -> list[str]:
-    """The exact versions the model was trained with.
-
-    Listing them is also much faster than MLflow's inference, which reloads
-    the model in a subprocess to see what it imports.
-    """
-    return [f"{name}=={metadata.version(name)}" for name in ("mlflow", "tensorflow", "keras")]
-
-
-def _save_keras_model(path: str, **save_arguments) -> None:
-    import mlflow.keras
-
-    # mlflow 3.17's Keras flavor writes input_example.json before it creates
-    # the model folder, so any input example fails with FileNotFoundError.
-    # Creating the folder first lets the flavor save the example as designed.
-    os.makedirs(path, exist_ok=True)
-    mlflow.keras.save_model(path=path, **save_arguments)
-
-
-# Model.log takes any object with a save_model function and names the flavor
-# after its __name__; this one is the Keras flavor with the fix above.
-_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
-
-
-def log_keras_model(model: keras.Model, input_example: np.ndarray) -> mlflow.models.model.ModelInfo:
-    """Log `model` to the active run with the Keras flavor, its signature and an input example."""
-    from mlflow.models import Model
-
-    return Model.log(
-        artifact_path=None,
-        name=MODEL_ARTIFACT,
-        flavor=_KERAS_FLAVOR,
-        model=model,
-        signature=model_signature(),
-        input_example=input_example.astype(np.float32),
-        pip_requirements=pip_requirements(),
-    )
-
-
-CLASSIFIER_ARTIFACT = "classifier"
-
-
-def classifier_signature() -> mlflow.models.ModelSignature:
-    """Input: a batch of raw 28×28 images (pixel values 0–255); output: digit and probabilities."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]))
-
-
-def log_classifier(
-    keras_model_file: Path, input_example: np.ndarray, max_batch_size: int
-) -> mlflow.models.model.ModelInfo:
-    """Log the servable classifier (classifier.py, as models from code) to the active run."""
-    import mlflow
-
-    from mnist_mlops import classifier
-
-    with tempfile.TemporaryDirectory() as scratch:
-        settings_file = Path(scratch) / "serving.json"
-        settings_file.write_text(json.dumps({"max_batch_size": max_batch_size}))
-        return mlflow.pyfunc.log_model(
-            name=CLASSIFIER_ARTIFACT,
-            python_model=classifier.__file__,
-            artifacts={
-                classifier.KERAS_ARTIFACT: str(keras_model_file),
-                classifier.SETTINGS_ARTIFACT: str(settings_file),
-            },
-            signature=classifier_signature(),
-            input_example=input_example.astype(np.float32),
-            pip_requirements=pip_requirements(),
-        )

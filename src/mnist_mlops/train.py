@@ -16,14 +16,22 @@ import io
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_mlops import tracking
+from mnist_mlops import model_logging, tracking
 from mnist_mlops.atomic import atomic_path, write_json, write_text
 from mnist_mlops.config import Config, ConfigError, validate
 from mnist_mlops.models import INFERENCE_BATCH_SIZE, build_model, import_keras
-from mnist_mlops.paths import CONFIG_DIR, MODEL_FILE, RUN_FILE, TRAINING_CURVES_FILE
+from mnist_mlops.onnx_export import export_verified
+from mnist_mlops.paths import (
+    CONFIG_DIR,
+    MODEL_FILE,
+    ONNX_MODEL_FILE,
+    RUN_FILE,
+    TRAINING_CURVES_FILE,
+)
 from mnist_mlops.preprocess import load_manifest, load_split
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -32,13 +40,17 @@ EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 @dataclass(frozen=True)
 class TrainOutputs:
     model_file: Path = MODEL_FILE
+    onnx_file: Path = ONNX_MODEL_FILE
     run_file: Path = RUN_FILE
     curves_file: Path = TRAINING_CURVES_FILE
 
     @classmethod
     def inside(cls, directory: Path) -> TrainOutputs:
         return cls(
-            directory / MODEL_FILE.name, directory / RUN_FILE.name, directory / "training.csv"
+            directory / MODEL_FILE.name,
+            directory / ONNX_MODEL_FILE.name,
+            directory / RUN_FILE.name,
+            directory / "training.csv",
         )
 
 
@@ -109,9 +121,10 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
         # From here on Keras's progress bars (MLflow checks the input example
         # with model.predict) would only clutter the stage's output.
         keras.config.disable_interactive_logging()
-        with atomic_path(outputs.model_file) as temporary:
-            network.save(temporary)
-        model_info = tracking.log_keras_model(network, validation_images[:1])
+        save_models(config, network, validation_images, outputs)
+        model_info = model_logging.log_keras_model(network, validation_images[:1])
+        if config.serving.runtime == "onnx":
+            model_logging.log_onnx_model(outputs.onnx_file, validation_images[:1])
         curves = curves_csv(history.history)
         write_text(outputs.curves_file, curves)
         mlflow.log_text(curves, "training.csv")
@@ -120,7 +133,7 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
             {
                 "run_id": run.info.run_id,
                 "experiment_id": experiment_id,
-                "model_uri": f"runs:/{run.info.run_id}/{tracking.MODEL_ARTIFACT}",
+                "model_uri": f"runs:/{run.info.run_id}/{model_logging.MODEL_ARTIFACT}",
                 "logged_model_uri": model_info.model_uri,
             },
         )
@@ -130,6 +143,30 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
         f"val_accuracy {final['val_accuracy']:.4f}; MLflow run {run.info.run_id}"
     )
     return final
+
+
+def save_models(config: Config, network, validation_images, outputs: TrainOutputs) -> None:
+    """Save the Keras model and, for the ONNX runtime, its export checked against it.
+
+    Both files are renamed into place only after the export has passed its
+    check, so a stage that fails here leaves neither behind.
+    """
+    import mlflow
+
+    mlflow.set_tag("serving.runtime", config.serving.runtime)
+    with ExitStack() as outputs_in_progress:
+        if config.serving.runtime == "onnx":
+            onnx_file = outputs_in_progress.enter_context(atomic_path(outputs.onnx_file))
+            started = time.perf_counter()
+            difference = export_verified(network, config.model_name, validation_images, onnx_file)
+            mlflow.log_metrics(
+                {
+                    "onnx_max_probability_difference": difference,
+                    "onnx_export_seconds": time.perf_counter() - started,
+                }
+            )
+        keras_file = outputs_in_progress.enter_context(atomic_path(outputs.model_file))
+        network.save(keras_file)
 
 
 def _hydra_app() -> None:
