@@ -227,9 +227,13 @@ def main() -> None:
         try:
             for port in (floor_port, champion_port):
                 client(port, body, 50, [])
-            for _round in range(10):
-                client(floor_port, body, arguments.requests // 10, paired["floor"])
-                client(champion_port, body, arguments.requests // 10, paired["champion"])
+            # Many short rounds, each in the other order from the last, so that
+            # neither server keeps the machine's better or worse moments.
+            rounds = 40
+            for index in range(rounds):
+                pair = [(floor_port, "floor"), (champion_port, "champion")]
+                for port, name in pair if index % 2 == 0 else reversed(pair):
+                    client(port, body, arguments.requests // rounds, paired[name])
         finally:
             for process in (floor_process, champion_process):
                 process.terminate()
