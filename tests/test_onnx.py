@@ -154,18 +154,21 @@ def test_evaluate_and_the_registered_model_never_import_tensorflow(prepared, wor
 
     # What the registry says about the version, and what it needs to run.
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
-    version = client.get_model_version_by_alias("mnist-classifier", "champion")
+    version, requirements = the_champion()
     assert version.tags["serving.runtime"] == "onnx"
     assert "ONNX Runtime" in version.description
-    requirements = Path(
-        mlflow.artifacts.download_artifacts(f"{CHAMPION_URI}/requirements.txt")
-    ).read_text()
     names = {line.split("==")[0] for line in requirements.split()}
     assert names == {"mlflow-skinny", "onnxruntime", "numpy", "pandas"}
     table = render(rows("mnist", "mnist-classifier", 10))
     assert table.splitlines()[0].split().count("runtime") == 1
     assert " onnx " in table.splitlines()[1]
+
+
+def the_champion():
+    """The champion's registered version and its requirements.txt."""
+    version = MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
+    requirements = mlflow.artifacts.download_artifacts(f"{CHAMPION_URI}/requirements.txt")
+    return version, Path(requirements).read_text()
 
 
 def test_the_keras_runtime_keeps_todays_path(prepared, workdir):
@@ -174,13 +177,9 @@ def test_the_keras_runtime_keeps_todays_path(prepared, workdir):
     assert MODEL_FILE.exists() and not ONNX_MODEL_FILE.exists()
     metrics = evaluate(config)
 
-    client = MlflowClient()
-    version = client.get_model_version_by_alias("mnist-classifier", "champion")
+    version, requirements = the_champion()
     assert version.tags["serving.runtime"] == "keras"
     assert "Keras on TensorFlow" in version.description
-    requirements = Path(
-        mlflow.artifacts.download_artifacts(f"{CHAMPION_URI}/requirements.txt")
-    ).read_text()
     assert "tensorflow==" in requirements and "onnxruntime" not in requirements
     model = mlflow.pyfunc.load_model(CHAMPION_URI)
     images, labels = load_split("test")

@@ -120,16 +120,21 @@ def wait_until_it_answers(process: subprocess.Popen, url: str) -> None:
     pytest.fail(f"{url} did not answer within 120 s")
 
 
-def test_the_serve_command_explains_a_missing_model_in_one_line(tmp_path):
+def serve_refused(directory: Path) -> str:
+    """Run `mnist-mlops serve` in `directory`, expect exit 1; return its one line of error."""
     result = run(
         [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(free_port())],
-        tmp_path,
+        directory,
         subprocess_env(),
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("mnist-mlops")]
-    assert line == (
+    return line
+
+
+def test_the_serve_command_explains_a_missing_model_in_one_line(tmp_path):
+    assert serve_refused(tmp_path) == (
         f"mnist-mlops serve: no MLflow store at {tmp_path}/mlflow.db: run `make repro` first, "
         "or set MLFLOW_TRACKING_URI"
     )
@@ -140,14 +145,7 @@ def test_the_serve_command_explains_a_store_without_a_champion(tmp_path):
     from mlflow import MlflowClient
 
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()
-    result = run(
-        [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(free_port())],
-        tmp_path,
-        subprocess_env(),
-        check=False,
-    )
-    assert result.returncode == 1
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("mnist-mlops")]
+    line = serve_refused(tmp_path)
     assert line.startswith(f"mnist-mlops serve: cannot load {CHAMPION_URI} from sqlite:///")
 
 

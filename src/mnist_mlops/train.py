@@ -99,7 +99,9 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
         keras.utils.set_random_seed(config.train.seed)
         network = build_model(config.model, config.optimizer)
         mlflow.log_params(config.flat_params())
-        mlflow.set_tags(tracking.provenance_tags(data_digest))
+        mlflow.set_tags(
+            {**tracking.provenance_tags(data_digest), "serving.runtime": config.serving.runtime}
+        )
         tracking.log_dataset(
             mlflow.data.from_numpy(train_images, name="mnist-train", digest=data_digest[:16]),
             context="training",
@@ -153,7 +155,6 @@ def save_models(config: Config, network, validation_images, outputs: TrainOutput
     """
     import mlflow
 
-    mlflow.set_tag("serving.runtime", config.serving.runtime)
     with ExitStack() as outputs_in_progress:
         if config.serving.runtime == "onnx":
             onnx_file = outputs_in_progress.enter_context(atomic_path(outputs.onnx_file))
