@@ -14,7 +14,7 @@ with the message as JSON.
 
 It runs one of two runtimes, whichever model file was logged with it:
 - ONNX Runtime on the model that `train` exported and checked against Keras
-  (the default): no TensorFlow, a small environment, ~13 µs per image;
+  (the default): no TensorFlow, a small environment, ~35 µs per image;
 - Keras, for architectures that ONNX cannot represent, with `predict_on_batch`
   rather than `predict`: for a handful of images `predict` spends ~40 ms
   building its data pipeline, `predict_on_batch` ~0.4 ms.

@@ -95,7 +95,8 @@ def log_onnx_model(model_file: Path, input_example: np.ndarray) -> mlflow.models
         name=ONNX_ARTIFACT,
         signature=model_signature(),
         input_example=input_example.astype(np.float32),
-        pip_requirements=pinned(("mlflow-skinny", "onnx", "onnxruntime", "numpy", "pandas")),
+        # The flavor's own loader also needs onnx itself.
+        pip_requirements=pinned((*_ONNX_REQUIREMENTS, "onnx")),
         onnx_execution_providers=["CPUExecutionProvider"],
     )
 
