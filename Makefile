@@ -29,8 +29,8 @@ repro: install ## Run the pipeline end to end (dvc repro)
 test: install lint ## Run the whole test suite, slow tests included
 	pytest
 
-test-fast: install ## Run the tests without the slow real-data ones
-	pytest -m "not slow"
+test-fast: install ## Run the tests without the real-data and container ones
+	pytest -m "not slow and not containers"
 
 lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint)
 	ruff check .

@@ -1,8 +1,9 @@
 """Benchmark: the size of the served model's environment against the whole project's.
 
 Builds, in a temporary folder (or --keep DIR), a fresh virtual environment
-from requirements-serve.txt exactly as the Dockerfile's `serve` target does
-(`pip install --no-deps`, `pip check`, then the project itself), checks that it cannot import
+from requirements-serve.txt as the Dockerfile's `serve` target installs it
+(`pip install --no-deps`, `pip check`, then the project itself; the image then
+drops test suites and unused bytecode, which this does not), checks that it cannot import
 TensorFlow, and compares its installed size with the project's .venv (made
 by `make install` from requirements-lock.txt).
 

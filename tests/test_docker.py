@@ -1,5 +1,7 @@
 """The Dockerfile: no engine runs here, so it is linted and checked against the README's install."""
 
+import ast
+import os
 import re
 import subprocess
 import sys
@@ -8,7 +10,7 @@ from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, free_port
 
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text()
 
@@ -67,7 +69,7 @@ def test_serving_image_installs_only_the_serving_pins_and_no_tensorflow():
     serve = stages()["serve"]
     runs = instructions("RUN", serve)
     assert any(
-        "pip install --no-deps -r requirements-serve.txt" in command and "pip check" in command
+        "--no-deps -r requirements-serve.txt" in command and "pip check" in command
         for command in runs
     )
     assert "requirements-lock.txt" not in serve
@@ -80,14 +82,45 @@ def test_serving_image_installs_only_the_serving_pins_and_no_tensorflow():
         assert present in serving, present
 
 
-def test_images_run_unprivileged_and_serve_on_the_exposed_port():
+def test_images_run_unprivileged_under_tini_and_serve_on_the_exposed_port():
     for name in ("serve", "pipeline"):
-        text = stages()[name]
-        (user,) = instructions("USER", text)
+        (user,) = instructions("USER", stages()[name])
         assert user not in ("root", "0"), name
-        assert instructions("ENTRYPOINT", text) == ['["mnist-mlops"]'], name
-        assert instructions("CMD", text) == ['["serve"]'], name
+    serve, pipeline = stages()["serve"], stages()["pipeline"]
+    assert instructions("ENTRYPOINT", serve) == ['["tini", "--", "mnist-mlops"]']
+    assert instructions("CMD", serve) == ['["serve"]']
+    assert instructions("ENTRYPOINT", pipeline) == ['["tini", "-g", "--"]']
+    assert instructions("CMD", pipeline) == ['["dvc", "repro"]']
+    assert "tini" in " ".join(instructions("RUN", stages()["base"]))
     assert instructions("EXPOSE") == ["5000"]
+
+
+def test_the_serving_image_checks_its_health_with_the_standard_library_only():
+    (healthcheck,) = instructions("HEALTHCHECK", stages()["serve"])
+    assert healthcheck.endswith('CMD ["python", "-m", "mnist_mlops.healthcheck"]')
+    source = (REPO_ROOT / "src" / "mnist_mlops" / "healthcheck.py").read_text()
+    imported = {
+        name.split(".")[0]
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in (
+            [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+        )
+    }
+    assert imported and imported <= sys.stdlib_module_names, imported - sys.stdlib_module_names
+
+
+def test_the_healthcheck_fails_with_the_address_when_no_server_answers():
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_mlops.healthcheck"],
+        env={**os.environ, "MNIST_SERVE_PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"http://127.0.0.1:{port}/ping: ")
 
 
 def test_dockerignore_keeps_data_stores_and_environments_out():

@@ -134,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("MNIST_SERVE_HOST", "127.0.0.1"),
         help="bind address (%(default)s; MNIST_SERVE_HOST sets the default)",
     )
-    serving.add_argument("--port", type=int, default=5000, help="(%(default)s)")
+    serving.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("MNIST_SERVE_PORT", "5000")),
+        help="(%(default)s; MNIST_SERVE_PORT sets the default)",
+    )
     client = commands.add_parser("predict", help="classify digit images with the served model")
     client.add_argument("files", nargs="+", type=Path, metavar="IMAGE", help="PNG, JPEG, …")
     client.add_argument("--url", default="http://127.0.0.1:5000", help="(%(default)s)")
