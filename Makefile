@@ -8,9 +8,10 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 PORT ?= 5000
+SERVERS ?= model
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro test test-fast lint format params ui serve tracking-server benchmark clean
+.PHONY: help install repro test test-fast lint format params ui serve tracking-server certs proxy benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -53,6 +54,12 @@ serve: install ## Serve the champion model over HTTP (127.0.0.1:5000; PORT=… t
 
 tracking-server: install ## The team's MLflow server on PostgreSQL (see the README's team section)
 	mnist-mlops tracking-server
+
+certs: install ## Make a private CA and a certificate for 127.0.0.1 and localhost (deploy/certs)
+	mnist-mlops certs
+
+proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|both; 8443, 8444)
+	mnist-mlops proxy $(SERVERS)
 
 benchmark: install ## Benchmark the pipeline, the server and the serving environment's size
 	python benchmarks/pipeline.py

@@ -15,6 +15,10 @@ to a one-image request, the memory of its processes (RSS, all of them), then
 single-image latency from one client in sequence and from a few at once.
 
     python benchmarks/serving.py [--requests N] [--clients C] [--serve-env DIR]
+    python benchmarks/serving.py --proxy    # only: the champion direct and behind nginx
+
+--proxy compares the champion served directly with the same server behind
+`mnist-mlops proxy` (nginx, HTTPS), side by side (benchmarks/proxy_cost.py).
 
 --serve-env serves the champion from another environment, such as the one
 `benchmarks/environment.py --keep DIR` builds from requirements-serve.txt.
@@ -107,9 +111,15 @@ def memory_mib(process: subprocess.Popen) -> float:
     return sum(member.memory_info().rss for member in members) / 2**20
 
 
-def client(port: int, body: bytes, count: int, latencies: list[float]) -> None:
-    """Send `count` requests on one keep-alive connection, recording each latency."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def client(port: int, body: bytes, count: int, latencies: list[float], context=None) -> None:
+    """Send `count` requests on one keep-alive connection, recording each latency.
+
+    With an SSL `context` the connection is HTTPS (one handshake, then reused).
+    """
+    if context is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    else:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
     headers = {"Content-Type": "application/json"}
     for _ in range(count):
         begun = time.perf_counter()
@@ -122,11 +132,11 @@ def client(port: int, body: bytes, count: int, latencies: list[float]) -> None:
     connection.close()
 
 
-def measure(port: int, body: bytes, requests: int, clients: int) -> dict:
-    client(port, body, 50, [])  # warm up
+def measure(port: int, body: bytes, requests: int, clients: int, context=None) -> dict:
+    client(port, body, 50, [], context)  # warm up
     latencies: list[float] = []
     threads = [
-        threading.Thread(target=client, args=(port, body, requests // clients, latencies))
+        threading.Thread(target=client, args=(port, body, requests // clients, latencies, context))
         for _ in range(clients)
     ]
     begun = time.perf_counter()
@@ -162,6 +172,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--starts", type=int, default=3, help="times each server is started")
     parser.add_argument("--serve-env", type=Path, help="serve the champion from this venv")
+    parser.add_argument("--proxy", action="store_true", help="only the proxy's cost")
     arguments = parser.parse_args()
 
     env = dict(os.environ)
@@ -186,6 +197,11 @@ def main() -> None:
     if arguments.serve_env:
         ours = [str(arguments.serve_env.resolve() / "bin" / "mnist-mlops"), "serve"]
     mlflow_serve = [*("mlflow", "models", "serve", "--env-manager", "local", "-h", "127.0.0.1")]
+    if arguments.proxy:
+        from proxy_cost import compare
+
+        compare([*ours, "--model-uri", CHAMPION], env, body, arguments.requests, arguments.clients)
+        return
 
     results = {}
     with tempfile.TemporaryDirectory() as scratch:

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -231,6 +232,35 @@ def project(tmp_path) -> Path:
     return copy_project(tmp_path / "clone")
 
 
+def train_champion(directory: Path, *overrides: str) -> tuple[str, np.ndarray]:
+    """Make `directory` a project whose store holds a champion trained on tiny data.
+
+    Runs the real stages in-process; returns the store's URI and the test images.
+    """
+    from mnist_mlops.evaluate import evaluate
+    from mnist_mlops.fetch import fetch
+    from mnist_mlops.preprocess import load_split, preprocess
+    from mnist_mlops.train import train
+
+    write_mirror(directory / "mirror")
+    config = validate(compose_config(*tiny_overrides(directory / "mirror"), *overrides))
+    previous = os.getcwd()
+    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(directory)
+    try:
+        fetch(config.data)
+        preprocess(config)
+        train(config)
+        evaluate(config)
+        images, _labels = load_split("test")
+    finally:
+        os.chdir(previous)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if saved_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+    return f"sqlite:///{directory / 'mlflow.db'}", images
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -238,18 +268,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(command: list[str], env: dict, url: str, ready_path: str, cwd=None):
+def serving(
+    command: list[str], env: dict, url: str, ready_path: str, cwd=None, log=None, context=None
+):
     """Run a server command until `url + ready_path` answers; stop it afterwards.
 
-    Its output goes to a file, not a pipe: a pipe that nobody reads fills up
-    after 64 KB of access log, and the server then blocks on its next write.
+    Its output goes to a file (`log`, or a temporary one), not a pipe: a pipe
+    that nobody reads fills up after 64 KB of access log, and the server then
+    blocks on its next write. `context` is the SSL context for an https:// URL.
     """
-    with tempfile.TemporaryFile(mode="w+") as log:
+    with open(log, "w+") if log else tempfile.TemporaryFile(mode="w+") as output:
         process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+            command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, text=True
         )
         try:
-            _wait_until_ready(process, command, log, f"{url}{ready_path}")
+            _wait_until_ready(process, command, output, f"{url}{ready_path}", context)
             yield url
         finally:
             process.terminate()
@@ -259,7 +292,7 @@ def serving(command: list[str], env: dict, url: str, ready_path: str, cwd=None):
                 process.kill()
 
 
-def _wait_until_ready(process: subprocess.Popen, command: list[str], log, ready_url: str) -> None:
+def _wait_until_ready(process, command: list[str], log, ready_url: str, context=None) -> None:
     deadline = time.monotonic() + 120
     while True:
         if process.poll() is not None:
@@ -268,12 +301,51 @@ def _wait_until_ready(process: subprocess.Popen, command: list[str], log, ready_
         if time.monotonic() > deadline:
             pytest.fail(f"{' '.join(command)} did not answer within 120 s")
         try:
-            with urllib.request.urlopen(ready_url, timeout=2):
+            with urllib.request.urlopen(ready_url, timeout=2, context=context):
                 return
         except urllib.error.HTTPError:
             return  # it answers, if only to say that we may not
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.3)
+
+
+def unavailable(reason: str):
+    """Skip here; in CI, where .ci/run installs what is missing, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory) -> Path:
+    """A private CA and a certificate for 127.0.0.1 and localhost, made by `mnist-mlops certs`."""
+    from mnist_mlops.proxy import ProxyError, nginx_binary
+
+    try:
+        nginx_binary()
+    except ProxyError as error:
+        unavailable(str(error))
+    directory = tmp_path_factory.mktemp("tls") / "certs"
+    run(
+        [sys.executable, "-m", "mnist_mlops", "certs", "--directory", str(directory)],
+        REPO_ROOT,
+        subprocess_env(),
+    )
+    return directory
+
+
+def tls_context(certificates: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certificates / "ca.crt")
+
+
+def proxy_command(certificates: Path, *arguments: str) -> list[str]:
+    """`mnist-mlops proxy` with the test certificate (`arguments` may override it)."""
+    return [
+        *(sys.executable, "-m", "mnist_mlops", "proxy"),
+        *("--certificate", str(certificates / "server.crt")),
+        *("--key", str(certificates / "server.key")),
+        *arguments,
+    ]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

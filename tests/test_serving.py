@@ -1,7 +1,6 @@
 """Serving the champion with the real `mlflow models serve`, over real HTTP on 127.0.0.1."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,19 +16,13 @@ import pytest
 from PIL import Image, ImageDraw
 
 from mnist_mlops.client import to_mnist
-from mnist_mlops.evaluate import evaluate
-from mnist_mlops.fetch import fetch
-from mnist_mlops.preprocess import load_split, preprocess
-from mnist_mlops.train import train
 
 from .conftest import (
-    compose_config,
     free_port,
     run,
     serving,
     subprocess_env,
-    tiny_overrides,
-    write_mirror,
+    train_champion,
 )
 
 CHAMPION_URI = "models:/mnist-classifier@champion"
@@ -39,29 +32,8 @@ MAX_BATCH = 8
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A project folder whose store holds a champion trained by the real stages."""
-    from mnist_mlops.config import validate
-
     directory = tmp_path_factory.mktemp("serving")
-    write_mirror(directory / "mirror")
-    config = validate(
-        compose_config(*tiny_overrides(directory / "mirror"), f"serving.max_batch_size={MAX_BATCH}")
-    )
-    previous = os.getcwd()
-    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.chdir(directory)
-    try:
-        fetch(config.data)
-        preprocess(config)
-        train(config)
-        evaluate(config)
-        images, _labels = load_split("test")
-    finally:
-        os.chdir(previous)
-    uri = f"sqlite:///{directory / 'mlflow.db'}"
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if saved_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
-    return uri, images
+    return train_champion(directory, f"serving.max_batch_size={MAX_BATCH}")
 
 
 @pytest.fixture(scope="module")

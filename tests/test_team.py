@@ -5,6 +5,7 @@ Elsewhere these tests skip with the reason when it cannot be started.
 """
 
 import base64
+import http.client
 import json
 import os
 import secrets
@@ -20,7 +21,18 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from .conftest import compose_config, copy_project, free_port, run, serving, subprocess_env
+from .conftest import (
+    REPO_ROOT,
+    compose_config,
+    copy_project,
+    free_port,
+    proxy_command,
+    run,
+    serving,
+    subprocess_env,
+    tls_context,
+    unavailable,
+)
 
 TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
 
@@ -32,13 +44,6 @@ def postgres_bindir() -> Path | None:
         bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout
         candidates.insert(0, Path(bindir.strip()))
     return next((path for path in candidates if (path / "initdb").exists()), None)
-
-
-def unavailable(reason: str):
-    """Skip here; in CI, where .ci/run installs PostgreSQL, fail instead."""
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +241,70 @@ def test_the_server_refuses_a_missing_or_weak_admin_password(password, tmp_path)
     result = run(command, tmp_path, env, check=False)
     assert result.returncode == 2
     assert "MLFLOW_TRACKING_ADMIN_PASSWORD" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def team_proxy(team_server, certificates):
+    """`mnist-mlops proxy tracking` before the team server; yields its https:// URL."""
+    url, _password, _artifacts = team_server
+    port = free_port()
+    command = proxy_command(
+        certificates,
+        *("tracking", "--tracking-upstream", url.removeprefix("http://")),
+        *("--tracking-port", str(port)),
+    )
+    proxied = f"https://127.0.0.1:{port}"
+    context = tls_context(certificates)
+    with serving(command, subprocess_env(), proxied, "/health", REPO_ROOT, context=context):
+        yield proxied
+
+
+def test_the_pipeline_reaches_the_server_through_the_https_proxy(
+    team_server, team_proxy, team_client, certificates, http_mirror, tmp_path, monkeypatch
+):
+    project = tiny_clone(tmp_path / "clone")
+    env = team_env(
+        team_server,
+        MLFLOW_TRACKING_URI=team_proxy,
+        MLFLOW_TRACKING_SERVER_CERT_PATH=str(certificates / "ca.crt"),
+        MNIST_MIRROR=http_mirror,
+    )
+    run(["dvc", "repro"], project, env)
+
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    logged = team_client.get_run(run_id)
+    assert logged.info.status == "FINISHED" and "test_accuracy" in logged.data.metrics
+    assert len(team_client.get_metric_history(run_id, "loss")) == 1
+    # The artifact went up through the proxy and comes back down through it.
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(certificates / "ca.crt"))
+    through_proxy = MlflowClient(team_proxy)
+    image = through_proxy.download_artifacts(run_id, "confusion_matrix.png", str(tmp_path))
+    assert Path(image).read_bytes().startswith(b"\x89PNG")
+    (version,) = team_client.search_model_versions(f"run_id = '{run_id}'")
+    assert version.name == "mnist-classifier"
+    board = run([sys.executable, "-m", "mnist_mlops", "runs"], project, env).stdout
+    assert logged.info.run_name in board
+
+
+def test_the_proxy_keeps_basic_auth_and_plain_http_never_reaches_mlflow(
+    team_server, team_proxy, certificates
+):
+    _url, password, _artifacts = team_server
+    endpoint = f"{team_proxy}/api/2.0/mlflow/experiments/search?max_results=1"
+    context = tls_context(certificates)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        wrong = urllib.request.Request(endpoint, headers=basic_auth("admin", "wrong password"))
+        urllib.request.urlopen(wrong, timeout=10, context=context)
+    assert refused.value.code == 401
+    right = urllib.request.Request(endpoint, headers=basic_auth("admin", password))
+    with urllib.request.urlopen(right, timeout=10, context=context) as response:
+        assert "experiments" in json.load(response)
+
+    host, port = team_proxy.removeprefix("https://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("GET", endpoint.split(port, 1)[1], headers=basic_auth("admin", password))
+    answer = connection.getresponse()
+    assert answer.status == 308
+    assert answer.getheader("Location").startswith(f"https://{host}:{port}/api/2.0/")
+    assert b"experiments" not in answer.read()
+    connection.close()

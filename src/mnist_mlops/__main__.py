@@ -60,13 +60,13 @@ def run_stage(stage: str, params_file: Path) -> int:
     return 0
 
 
-def predict(files: list[Path], url: str) -> int:
+def predict(files: list[Path], url: str, ca: Path | None) -> int:
     """Print the served model's digit and its probability for each image file."""
     from mnist_mlops.client import ClientError, load_image
     from mnist_mlops.client import predict as post
 
     try:
-        predictions = post([load_image(path) for path in files], url)
+        predictions = post([load_image(path) for path in files], url, ca=ca)
     except ClientError as error:
         print(f"mnist-mlops predict: {error}", file=sys.stderr)
         return 1
@@ -96,6 +96,53 @@ def runs(top: int, filter_string: str, params_file: Path) -> int:
         print(f"no runs in experiment {experiment!r} yet: run `make repro`", file=sys.stderr)
         return 1
     print(render(table))
+    return 0
+
+
+def add_proxy_commands(commands) -> None:
+    proxy = commands.add_parser(
+        "proxy", help="HTTPS in front of the model server, the tracking server, or both (nginx)"
+    )
+    proxy.add_argument(
+        "servers",
+        nargs="?",
+        default="model",
+        choices=("model", "tracking", "both"),
+        help="which servers to put behind it (%(default)s)",
+    )
+    proxy.add_argument("--host", default="127.0.0.1", help="bind address (%(default)s)")
+    proxy.add_argument("--model-upstream", default="127.0.0.1:5000", help="(%(default)s)")
+    proxy.add_argument("--model-port", type=int, default=8443, help="(%(default)s)")
+    proxy.add_argument("--tracking-upstream", default="127.0.0.1:5001", help="(%(default)s)")
+    proxy.add_argument("--tracking-port", type=int, default=8444, help="(%(default)s)")
+    proxy.add_argument("--certificate", type=Path, default=Path("deploy/certs/server.crt"))
+    proxy.add_argument("--key", type=Path, default=Path("deploy/certs/server.key"))
+    proxy.add_argument(
+        "--rate", type=int, default=50, help="requests per second per client (%(default)s)"
+    )
+    proxy.add_argument(
+        "--burst", type=int, default=100, help="requests over the rate (%(default)s)"
+    )
+    proxy.add_argument(
+        "--tracking-max-body", default="5g", help="the tracking server's upload limit (%(default)s)"
+    )
+    proxy.add_argument("--print-config", action="store_true", help="print nginx.conf and exit")
+    proxy.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
+    certificates = commands.add_parser(
+        "certs", help="make a private CA and a certificate for 127.0.0.1 and localhost"
+    )
+    certificates.add_argument("--directory", type=Path, default=Path("deploy/certs"))
+
+
+def certs(directory: Path) -> int:
+    from mnist_mlops.proxy import ProxyError, make_certificates
+
+    try:
+        for path in make_certificates(directory):
+            print(path)
+    except ProxyError as error:
+        print(f"mnist-mlops certs: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -143,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     client = commands.add_parser("predict", help="classify digit images with the served model")
     client.add_argument("files", nargs="+", type=Path, metavar="IMAGE", help="PNG, JPEG, …")
     client.add_argument("--url", default="http://127.0.0.1:5000", help="(%(default)s)")
+    client.add_argument(
+        "--ca", type=Path, help="the CA that signed an https:// server's certificate"
+    )
+    add_proxy_commands(commands)
     leaderboard = commands.add_parser("runs", help="list the MLflow runs, best first")
     leaderboard.add_argument("--top", type=int, default=20, help="at most this many (%(default)s)")
     leaderboard.add_argument(
@@ -177,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(arguments.model_uri, arguments.host, arguments.port)
     if arguments.command == "predict":
-        return predict(arguments.files, arguments.url)
+        return predict(arguments.files, arguments.url, arguments.ca)
+    if arguments.command == "proxy":
+        from mnist_mlops.proxy import main_proxy
+
+        return main_proxy(arguments.servers, arguments)
+    if arguments.command == "certs":
+        return certs(arguments.directory)
     status = run_stage(arguments.command, arguments.params)
     # Python's last garbage collection would walk every object that MLflow,
     # TensorFlow and the rest created: 0.5–1 s at the end of every stage. The

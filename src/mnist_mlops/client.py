@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -65,15 +66,25 @@ def load_image(path: Path) -> np.ndarray:
         raise ClientError(f"{path}: not a readable image ({error})") from None
 
 
-def predict(images: list[np.ndarray], url: str, timeout: float = 30) -> list[dict]:
-    """Post the images to the server's /invocations; return its prediction per image."""
+def predict(
+    images: list[np.ndarray], url: str, timeout: float = 30, ca: Path | None = None
+) -> list[dict]:
+    """Post the images to the server's /invocations; return its prediction per image.
+
+    `ca` is the certificate authority of an https:// server that the system
+    does not trust, such as the one `make certs` makes.
+    """
     body = json.dumps({"inputs": [image.tolist() for image in images]}).encode()
     endpoint = f"{url.rstrip('/')}/invocations"
+    try:
+        context = ssl.create_default_context(cafile=ca) if ca else None
+    except (OSError, ssl.SSLError) as error:
+        raise ClientError(f"cannot use {ca} as the server's CA: {error}") from None
     request = urllib.request.Request(
         endpoint, data=body, headers={"Content-Type": "application/json"}, method="POST"
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return json.load(response)["predictions"]
     except urllib.error.HTTPError as error:
         detail = error.read().decode(errors="replace")
