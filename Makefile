@@ -46,8 +46,8 @@ params: install ## Re-compose params.yaml from conf/ (what `dvc exp run` does)
 	python -c "import os; from dvc.utils.hydra import compose_and_dump; \
 	compose_and_dump('params.yaml', os.path.abspath('conf'), None, 'config', '.', [])"
 
-ui: install ## Open the MLflow UI on the embedded store (127.0.0.1:5000; PORT=… to change)
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
+ui: install ## The MLflow UI on the embedded store, with direct links (127.0.0.1:5000; PORT=…)
+	mnist-mlops ui --host 127.0.0.1 --port $(PORT)
 
 serve: install ## Serve the champion model over HTTP (127.0.0.1:5000; PORT=… to change)
 	mnist-mlops serve --host 127.0.0.1 --port $(PORT)

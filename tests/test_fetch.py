@@ -175,10 +175,17 @@ def test_timeout_is_reported(workdir, faulty_mirror):
     assert not RAW_DATA_DIR.exists()
 
 
-def test_unreachable_server_is_reported(workdir):
+def test_unreachable_server_is_reported_with_how_to_use_a_mirror(workdir, monkeypatch):
+    """A new user without internet gets told about MNIST_MIRROR; a broken mirror does not."""
     config = data_config("http://127.0.0.1:9", "data.sha256sums=null", "data.retries=0")
-    with pytest.raises(FetchError, match="cannot connect"):
+    with pytest.raises(FetchError, match="cannot connect") as offline:
         fetch(config)
+    assert "MNIST_MIRROR=/path/to/mnist make repro" in str(offline.value)
+    assert "README: Offline, or behind a mirror" in str(offline.value)
+    monkeypatch.setenv("MNIST_MIRROR", "http://127.0.0.1:9")
+    with pytest.raises(FetchError, match="cannot connect") as broken_mirror:
+        fetch(data_config("http://127.0.0.1:9", "data.retries=0"))
+    assert "MNIST_MIRROR" not in str(broken_mirror.value)
 
 
 def test_checksum_list_parsing():

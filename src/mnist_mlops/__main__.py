@@ -194,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         "--ca", type=Path, help="the CA that signed an https:// server's certificate"
     )
     add_proxy_commands(commands)
+    browse = commands.add_parser(
+        "ui", help="the MLflow UI on the project's store, with direct links to the runs"
+    )
+    browse.add_argument("--host", default="127.0.0.1", help="bind address (%(default)s)")
+    browse.add_argument("--port", type=int, default=5000, help="(%(default)s)")
+    browse.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
     leaderboard = commands.add_parser("runs", help="list the MLflow runs, best first")
     leaderboard.add_argument("--top", type=int, default=20, help="at most this many (%(default)s)")
     leaderboard.add_argument(
@@ -235,6 +241,17 @@ def main(argv: list[str] | None = None) -> int:
         return main_proxy(arguments.servers, arguments)
     if arguments.command == "certs":
         return certs(arguments.directory)
+    if arguments.command == "ui":
+        from mnist_mlops.config import load_params
+        from mnist_mlops.ui import run_ui
+
+        config = load_params(arguments.params)
+        return run_ui(
+            arguments.host,
+            arguments.port,
+            config.mlflow.experiment_name,
+            config.registry.model_name,
+        )
     status = run_stage(arguments.command, arguments.params)
     # Python's last garbage collection would walk every object that MLflow,
     # TensorFlow and the rest created: 0.5–1 s at the end of every stage. The

@@ -82,10 +82,16 @@ class MlflowConfig:
     experiment_name: str = "mnist"
     http_retries: int = 2
     http_timeout_seconds: int = 10
+    system_metrics_interval_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.experiment_name.strip():
             raise ValueError("experiment_name must not be empty")
+        if self.system_metrics_interval_seconds < 0:
+            raise ValueError(
+                "system_metrics_interval_seconds must be 0 (off) or more, "
+                f"got {self.system_metrics_interval_seconds}"
+            )
         if self.http_retries < 0:
             raise ValueError(f"http_retries must be 0 or more, got {self.http_retries}")
         if self.http_timeout_seconds <= 0:

@@ -4,9 +4,11 @@ It scores the artifact that will be served: with `serving.runtime: onnx` (the
 default) models/model.onnx under ONNX Runtime, without ever importing
 TensorFlow; with `keras`, models/model.keras under Keras.
 
-Writes reports/metrics.json (DVC metrics), per-class accuracy, and every
-test prediction as a CSV that DVC draws as a confusion matrix; logs the same
-numbers and a confusion-matrix image to the MLflow run that trained the model.
+Writes reports/metrics.json (DVC metrics), per-class accuracy, every test
+prediction as a CSV that DVC draws as a confusion matrix, and the test
+images the model got most confidently wrong (reports/mistakes.png, a DVC
+image plot); logs the same numbers and both images to the MLflow run that
+trained the model, with a one-line description of the run.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import json
 
 import numpy as np
 
-from mnist_mlops import model_logging, tracking
-from mnist_mlops.atomic import write_json, write_text
+from mnist_mlops import model_logging, tracking, ui
+from mnist_mlops.atomic import atomic_path, write_json, write_text
 from mnist_mlops.config import Config
-from mnist_mlops.figures import confusion_image
+from mnist_mlops.figures import confusion_image, mistakes_image
 from mnist_mlops.models import INFERENCE_BATCH_SIZE, NUM_CLASSES, import_keras
 from mnist_mlops.paths import (
     METRICS_FILE,
+    MISTAKES_FILE,
     MODEL_FILE,
     ONNX_MODEL_FILE,
     PER_CLASS_FILE,
@@ -94,15 +97,21 @@ def evaluate(config: Config) -> dict[str, float]:
     """
     import mlflow
 
-    tracking.use_experiment(config.mlflow)
+    experiment_id = tracking.use_experiment(config.mlflow)
     run_id = json.loads(RUN_FILE.read_text())["run_id"]
     images, labels = load_split("test")
-    result = score(labels, served_probabilities(config, images))
+    probabilities = served_probabilities(config, images)
+    result = score(labels, probabilities)
     metrics = {name: result[name] for name in ("test_accuracy", "test_loss")}
 
     write_json(PER_CLASS_FILE, result["per_class_accuracy"])
     write_text(PREDICTIONS_FILE, predictions_csv(labels, result["predicted"]))
+    mistakes = mistakes_image(images, labels, probabilities)
+    with atomic_path(MISTAKES_FILE) as staging:
+        mistakes.save(staging, format="PNG")
     with tracking.active_run(run_id=run_id) as run:
+        mlflow.set_tag(ui.NOTE_TAG, _run_note(config, run, metrics["test_accuracy"]))
+        mlflow.log_image(mistakes, "mistakes.png")
         mlflow.log_metrics(metrics)
         per_class = result["per_class_accuracy"]
         mlflow.log_metrics(
@@ -117,6 +126,8 @@ def evaluate(config: Config) -> dict[str, float]:
                 "registry.promoted": str(registration.promoted).lower(),
             }
         )
+    # The UI's saved view of the training runs, with this run among them.
+    ui.save_view(mlflow.MlflowClient(), experiment_id)
     # The metrics files are written last: DVC and users read them as the sign of
     # a complete evaluation.
     write_json(
@@ -135,6 +146,18 @@ def evaluate(config: Config) -> dict[str, float]:
         f"registered {registration.model_name} v{registration.version}: {registration.reason}"
     )
     return metrics
+
+
+def _run_note(config: Config, run, test_accuracy: float) -> str:
+    optimizer = config.raw["optimizer"]
+    return ui.run_note(
+        config.model_name,
+        optimizer["name"],
+        optimizer["learning_rate"],
+        config.train.epochs,
+        test_accuracy,
+        (run.data.tags or {}).get("dvc.exp_name"),
+    )
 
 
 def _register(config: Config, run, test_accuracy: float, example: np.ndarray):

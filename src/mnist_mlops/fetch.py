@@ -34,6 +34,10 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
 MIRROR_ENV = "MNIST_MIRROR"
+OFFLINE_HINT = (
+    f"point the fetch stage at a copy of MNIST with {MIRROR_ENV}, e.g. "
+    f"`{MIRROR_ENV}=/path/to/mnist make repro` (README: Offline, or behind a mirror)"
+)
 MIRROR_CHECKSUMS = "SHA256SUMS"
 _CHUNK_BYTES = 1 << 20
 _REMOTE_SCHEMES = ("http", "https", "file")
@@ -47,6 +51,10 @@ class FetchError(RuntimeError):
 
 class _RetryableError(Exception):
     """A failure that another attempt may not repeat (network, server, truncation)."""
+
+
+class _ConnectError(_RetryableError):
+    """No connection to the source at all: the machine may be offline."""
 
 
 def resolve_source(config: DataConfig) -> str:
@@ -127,6 +135,8 @@ def _retrying(location: str, config: DataConfig, attempt_once: Callable[[], T]) 
         except _RetryableError as error:
             if attempt == attempts:
                 message = f"{location}: {error} (gave up after {attempts} attempts)"
+                if isinstance(error, _ConnectError) and not os.environ.get(MIRROR_ENV):
+                    message += f"; without internet access, {OFFLINE_HINT}"
                 raise FetchError(message) from None
             delay = min(0.5 * 2 ** (attempt - 1), 8.0)
             print(f"{location}: {error}; retrying in {delay:g} s", file=sys.stderr)
@@ -214,7 +224,7 @@ def _open(location: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]
     except urllib.error.URLError as error:
         if scheme == "file":
             raise FetchError(f"{location}: {error.reason}") from None
-        raise _RetryableError(f"cannot connect: {error.reason}") from None
+        raise _ConnectError(f"cannot connect: {error.reason}") from None
     except TimeoutError:
         raise _RetryableError(f"timed out after {timeout:g} s") from None
     length = response.headers.get("Content-Length")

@@ -27,6 +27,7 @@ TRAINING_CURVES_FILE = REPORTS_DIR / "training.csv"
 METRICS_FILE = REPORTS_DIR / "metrics.json"
 PER_CLASS_FILE = REPORTS_DIR / "per_class_accuracy.json"
 PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
+MISTAKES_FILE = REPORTS_DIR / "mistakes.png"
 REGISTRY_FILE = REPORTS_DIR / "registry.json"
 
 MLFLOW_DB_NAME = "mlflow.db"

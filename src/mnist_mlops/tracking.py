@@ -112,8 +112,12 @@ def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     else:
         # Without an explicit location MLflow would put the embedded store's
         # artifacts in ./mlruns, relative to wherever the stage happens to run.
+        from mnist_mlops.ui import EXPERIMENT_NOTE, NOTE_TAG
+
         try:
-            experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+            experiment_id = mlflow.create_experiment(
+                name, artifact_location=artifact_location, tags={NOTE_TAG: EXPERIMENT_NOTE}
+            )
         except MlflowException:
             # Another process (on a shared server) created it after our lookup.
             experiment_id = mlflow.get_experiment_by_name(name).experiment_id

@@ -95,7 +95,13 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
     # Under `dvc exp run` the MLflow run takes the DVC experiment's name. The
     # run starts before the seed is set, because MLflow draws its generated
     # names from Python's random module, which the seed also fixes.
-    with tracking.active_run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
+    interval = config.mlflow.system_metrics_interval_seconds
+    if interval:
+        mlflow.set_system_metrics_sampling_interval(interval)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    with tracking.active_run(
+        run_name=os.environ.get("DVC_EXP_NAME"), log_system_metrics=bool(interval)
+    ) as run:
         keras.utils.set_random_seed(config.train.seed)
         network = build_model(config.model, config.optimizer)
         mlflow.log_params(config.flat_params())
