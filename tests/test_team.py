@@ -280,6 +280,13 @@ def test_the_pipeline_reaches_the_server_through_the_https_proxy(
     through_proxy = MlflowClient(team_proxy)
     image = through_proxy.download_artifacts(run_id, "confusion_matrix.png", str(tmp_path))
     assert Path(image).read_bytes().startswith(b"\x89PNG")
+    # Uploads have their own, larger limit: twice the model server's passes both ways.
+    large = tmp_path / "upload" / "large.bin"
+    large.parent.mkdir()
+    large.write_bytes(os.urandom(20_000_000))
+    through_proxy.log_artifact(run_id, str(large))
+    back = through_proxy.download_artifacts(run_id, "large.bin", str(tmp_path / "download"))
+    assert Path(back).read_bytes() == large.read_bytes()
     (version,) = team_client.search_model_versions(f"run_id = '{run_id}'")
     assert version.name == "mnist-classifier"
     board = run([sys.executable, "-m", "mnist_mlops", "runs"], project, env).stdout
