@@ -2,12 +2,14 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 
 import mlflow
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -117,3 +119,21 @@ def test_a_run_whose_process_died_is_marked_failed_by_the_next_stage(workdir):
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
     client.set_terminated(alive.info.run_id)
     mlflow.end_run()
+
+
+def test_sigterm_inside_a_store_write_waits_for_the_write_to_finish():
+    """A write interrupted half-way could leave SQLite locked for the run's end."""
+    previous = signal.signal(signal.SIGTERM, tracking._terminate)
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"), tracking.termination_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now, and must not have raised
+            finished.append("write")
+        assert finished == ["write"]
+        # Outside the block the signal stops the stage at once, as before.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -125,8 +125,34 @@ def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     return experiment_id
 
 
+# A signal that arrives inside `termination_deferred()` waits for the block's end.
+_deferral = {"depth": 0, "pending": ""}
+
+
 def _terminate(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+    name = signal.Signals(signum).name
+    if _deferral["depth"]:
+        _deferral["pending"] = name
+        return
+    raise KeyboardInterrupt(f"stopped by signal {name}")
+
+
+@contextmanager
+def termination_deferred() -> Iterator[None]:
+    """Let a write to the store finish before SIGTERM stops the stage.
+
+    Interrupted half-way, a SQLite write can leave its transaction open, and
+    the run's end then waits on it: MLflow's system-metrics thread cannot log
+    its last samples, and ending the run waits for that thread.
+    """
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+    if not _deferral["depth"] and _deferral["pending"]:
+        name, _deferral["pending"] = _deferral["pending"], ""
+        raise KeyboardInterrupt(f"stopped by signal {name}")
 
 
 def _process_alive(pid: int) -> bool:

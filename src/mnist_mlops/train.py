@@ -62,9 +62,10 @@ def _epoch_logger():
 
     class EpochMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            mlflow.log_metrics(
-                {name: float(value) for name, value in (logs or {}).items()}, step=epoch
-            )
+            with tracking.termination_deferred():
+                mlflow.log_metrics(
+                    {name: float(value) for name, value in (logs or {}).items()}, step=epoch
+                )
 
     return EpochMetrics()
 
