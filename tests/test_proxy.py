@@ -235,3 +235,39 @@ def test_the_compose_file_puts_nginx_before_the_serving_image():
     assert proxy["ports"] == ["127.0.0.1:8443:8443"]
     assert proxy["depends_on"]["model"]["condition"] == "service_healthy"
     assert "nginx" in proxy["image"]
+
+
+def test_nginx_stops_when_the_proxy_command_is_killed_outright(certificates):
+    """SIGKILL leaves the command no chance to stop nginx; the kernel stops it instead."""
+    port = free_port()
+    command = proxy_command(certificates, "--model-port", str(port))
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    context = tls_context(certificates)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/ping", timeout=2, context=context)
+                break
+            except urllib.error.HTTPError:
+                break  # nginx answers (the model server behind it is not running)
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                time.sleep(0.2)
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) != 0:
+                    return
+            time.sleep(0.2)
+        pytest.fail(f"nginx still listens on {port} after its command was killed")
+    finally:
+        process.kill()

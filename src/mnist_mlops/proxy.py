@@ -21,6 +21,7 @@ localhost, for local use and tests.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -145,6 +146,17 @@ def prepare(settings: ProxySettings, runtime: Path) -> list[str]:
     return command
 
 
+def _stop_with_parent() -> None:
+    """In nginx's process before it starts: the kernel sends it SIGTERM if this command dies.
+
+    Killed outright (SIGKILL, the OOM killer), this command could not stop
+    nginx, which would keep serving and hold the ports. Linux's
+    PR_SET_PDEATHSIG does it instead.
+    """
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def run_proxy(settings: ProxySettings) -> int:
     """Run nginx in the foreground until SIGINT or SIGTERM; return its exit status."""
     runtime = Path(tempfile.mkdtemp(prefix="mnist-mlops-proxy-"))
@@ -159,7 +171,7 @@ def run_proxy(settings: ProxySettings) -> int:
                 f"http://{upstream.address} ({upstream.name} server)",
                 flush=True,
             )
-        process = subprocess.Popen(command)
+        process = subprocess.Popen(command, preexec_fn=_stop_with_parent)
         # Ctrl-C or SIGTERM: nginx's graceful stop (SIGQUIT) finishes the
         # requests in flight; a second signal stops it at once.
         stops = iter((signal.SIGQUIT, signal.SIGTERM, signal.SIGTERM))
