@@ -11,7 +11,6 @@ buildah and podman).
 """
 
 import argparse
-import socket
 import statistics
 import subprocess
 import time
@@ -19,7 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+from serving import PROJECT, free_port
+
 SERVE_IMAGE, PIPELINE_IMAGE = "mnist-mlops-serve", "mnist-mlops"
 
 
@@ -27,12 +27,6 @@ def podman(*arguments: str) -> str:
     return subprocess.run(
         ["podman", *arguments], check=True, capture_output=True, text=True, timeout=120
     ).stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_and_stop(project: Path) -> tuple[float, float, str]:
