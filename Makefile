@@ -9,9 +9,12 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 PORT ?= 5000
 SERVERS ?= model
+STUDY ?= mlp-search
+TRIALS ?= 20
+SEARCH ?= mlp
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro test test-fast lint format params ui serve tracking-server certs proxy benchmark clean
+.PHONY: help install repro tune test test-fast lint format params ui serve tracking-server certs proxy benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -26,6 +29,9 @@ install: $(VENV)/.installed ## Create .venv with the locked dependencies
 
 repro: install ## Run the pipeline end to end (dvc repro)
 	dvc repro
+
+tune: install ## Search hyperparameters with Optuna (STUDY=…, TRIALS=…, SEARCH=mlp|cnn)
+	mnist-mlops tune --study $(STUDY) --trials $(TRIALS) --search $(SEARCH)
 
 test: install lint ## Run the whole test suite, slow tests included
 	pytest
@@ -61,10 +67,11 @@ certs: install ## Make a private CA and a certificate for 127.0.0.1 and localhos
 proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|both; 8443, 8444)
 	mnist-mlops proxy $(SERVERS)
 
-benchmark: install ## Benchmark the pipeline, the server and the serving environment's size
+benchmark: install ## Benchmark the pipeline, the server, the serving environment's size, tune
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
 	python benchmarks/environment.py
+	python benchmarks/tune.py
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import http.server
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -363,3 +364,48 @@ def http_mirror(mirror):
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+def postgres_bindir() -> Path | None:
+    pg_config = shutil.which("pg_config")
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    if pg_config:
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout
+        candidates.insert(0, Path(bindir.strip()))
+    return next((path for path in candidates if (path / "initdb").exists()), None)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL cluster on a free port for the session; yields (superuser URI, port)."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        unavailable("PostgreSQL is not installed (apt-get install postgresql)")
+    # Not under pytest's tmp_path: its folders are private to root, and the
+    # cluster runs as the postgres user.
+    base = Path(tempfile.mkdtemp(prefix="mnist-postgres-"))
+    as_owner = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(base, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    password = secrets.token_hex(12)
+    (base / "password").write_text(password)
+    if as_owner:
+        shutil.chown(base / "password", "postgres")
+    port = free_port()
+    data = str(base / "data")
+    commands = [
+        [str(bindir / "initdb"), "-D", data, "-U", "postgres", "-A", "scram-sha-256"],
+        [str(bindir / "pg_ctl"), "-D", data, "-l", str(base / "log"), "-w", "-o"],
+    ]
+    commands[0].append(f"--pwfile={base / 'password'}")
+    commands[1] += [f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"]
+    for command in commands:
+        result = subprocess.run([*as_owner, *command], capture_output=True, text=True)
+        if result.returncode != 0:
+            unavailable(f"PostgreSQL could not be started: {result.stderr.strip()[-300:]}")
+    yield f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres", port
+    subprocess.run(
+        [*as_owner, str(bindir / "pg_ctl"), "-D", data, "-m", "fast", "stop"], capture_output=True
+    )
+    shutil.rmtree(base, ignore_errors=True)

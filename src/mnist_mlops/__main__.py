@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mnist_mlops.paths import PARAMS_FILE
+from mnist_mlops.tune import add_command as add_tune_command
 
 STAGES = {
     "fetch": "download MNIST into data/raw and verify it",
@@ -76,26 +77,27 @@ def predict(files: list[Path], url: str, ca: Path | None) -> int:
     return 0
 
 
-def runs(top: int, filter_string: str, params_file: Path) -> int:
+def runs(top: int, filter_string: str, params_file: Path, study: str = "") -> int:
     """Print the leaderboard of the project's MLflow runs."""
     from mlflow.exceptions import MlflowException
 
     from mnist_mlops.config import load_params
-    from mnist_mlops.leaderboard import render, rows
+    from mnist_mlops.leaderboard import COLUMNS, STUDY_COLUMNS, render, rows
 
     experiment, model = "mnist", "mnist-classifier"
     if params_file.exists():
         config = load_params(params_file)
         experiment, model = config.mlflow.experiment_name, config.registry.model_name
     try:
-        table = rows(experiment, model, top, filter_string)
+        table = rows(experiment, model, top, filter_string, study)
     except MlflowException as error:
         print(f"mnist-mlops runs: {error.message}", file=sys.stderr)
         return 2
     if not table:
-        print(f"no runs in experiment {experiment!r} yet: run `make repro`", file=sys.stderr)
+        what, hint = (f"trials of study {study!r}", "") if study else ("runs", ": run `make repro`")
+        print(f"no {what} in experiment {experiment!r} yet{hint}", file=sys.stderr)
         return 1
-    print(render(table))
+    print(render(table, STUDY_COLUMNS if study else COLUMNS))
     return 0
 
 
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ca", type=Path, help="the CA that signed an https:// server's certificate"
     )
     add_proxy_commands(commands)
+    add_tune_command(commands)
     browse = commands.add_parser(
         "ui", help="the MLflow UI on the project's store, with direct links to the runs"
     )
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     leaderboard.add_argument(
         "--filter", default="", help="an MLflow search filter, e.g. \"params.model.name = 'cnn'\""
     )
+    leaderboard.add_argument("--study", default="", help="list this Optuna study's trials")
     leaderboard.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
     team = commands.add_parser(
         "tracking-server", help="run the team's MLflow server (PostgreSQL, login required)"
@@ -228,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command == "tracking-server":
         return tracking_server(arguments)
     if arguments.command == "runs":
-        return runs(arguments.top, arguments.filter, arguments.params)
+        return runs(arguments.top, arguments.filter, arguments.params, arguments.study)
+    if arguments.command == "tune":
+        from mnist_mlops.tune import main_tune
+
+        return main_tune(arguments)
     if arguments.command == "serve":
         from mnist_mlops.serve import serve
 

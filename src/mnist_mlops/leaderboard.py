@@ -24,6 +24,18 @@ COLUMNS = (
     ("runtime", "runtime"),
     ("champion", CHAMPION),
 )
+# One Optuna study's trials (`mnist-mlops runs --study NAME`): epochs run of planned.
+STUDY_COLUMNS = (
+    ("run", "run name"),
+    ("state", "state"),
+    ("model", "model"),
+    ("optimizer", "optimizer"),
+    ("learning_rate", "learning rate"),
+    ("batch_size", "batch"),
+    ("epochs", "epochs"),
+    ("val_accuracy", "val acc"),
+    ("duration", "duration"),
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,9 @@ class Row:
     version: str
     runtime: str
     champion: bool
+    state: str = ""
+    learning_rate: str = ""
+    batch_size: str = ""
 
     def cells(self) -> dict[str, str]:
         def accuracy(value: float | None) -> str:
@@ -59,11 +74,19 @@ class Row:
             "version": self.version or "-",
             "runtime": self.runtime or "-",
             "champion": "*" if self.champion else "",
+            "state": self.state or "-",
+            "learning_rate": self.learning_rate or "-",
+            "batch_size": self.batch_size or "-",
         }
 
 
-def rows(experiment_name: str, model_name: str, top: int, filter_string: str = "") -> list[Row]:
-    """The runs of `experiment_name` matching an MLflow filter, best test_accuracy first."""
+def rows(
+    experiment_name: str, model_name: str, top: int, filter_string: str = "", study: str = ""
+) -> list[Row]:
+    """The runs of `experiment_name` matching an MLflow filter, best test_accuracy first.
+
+    With `study`, the trials of that Optuna study instead, best val_accuracy first.
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -72,10 +95,15 @@ def rows(experiment_name: str, model_name: str, top: int, filter_string: str = "
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []
+    order_by = ["metrics.test_accuracy DESC", "attributes.start_time DESC"]
+    if study:
+        trials = f"tags.`optuna.study` = '{study}' and tags.`optuna.role` = 'trial'"
+        filter_string = f"{trials} and {filter_string}" if filter_string else trials
+        order_by = ["metrics.val_accuracy DESC", "attributes.start_time DESC"]
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=filter_string,
-        order_by=["metrics.test_accuracy DESC", "attributes.start_time DESC"],
+        order_by=order_by,
         max_results=top,
     )
     champion = current_champion(client, model_name)
@@ -93,7 +121,7 @@ def rows(experiment_name: str, model_name: str, top: int, filter_string: str = "
                 dvc_experiment=tags.get("dvc.exp_name", ""),
                 model=params.get("model.name", "?"),
                 optimizer=params.get("optimizer.name", "?"),
-                epochs=params.get("train.epochs", "?"),
+                epochs=_epochs(params, metrics),
                 val_accuracy=metrics.get("val_accuracy"),
                 test_accuracy=metrics.get("test_accuracy"),
                 duration_seconds=(ended - run.info.start_time) / 1000 if ended else None,
@@ -101,16 +129,33 @@ def rows(experiment_name: str, model_name: str, top: int, filter_string: str = "
                 # Runs from before the ONNX runtime existed were all served by Keras.
                 runtime=tags.get("serving.runtime", "keras" if version else ""),
                 champion=bool(version) and version == champion_version,
+                state=tags.get("optuna.state", ""),
+                learning_rate=_number(params.get("optimizer.learning_rate", "")),
+                batch_size=params.get("train.batch_size", ""),
             )
         )
     return table
 
 
-def render(table: list[Row]) -> str:
+def _number(text: str) -> str:
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return text
+
+
+def _epochs(params: dict, metrics: dict) -> str:
+    planned = params.get("train.epochs", "?")
+    if "epochs_run" in metrics:  # a tuning trial, perhaps pruned
+        return f"{int(metrics['epochs_run'])}/{planned}"
+    return planned
+
+
+def render(table: list[Row], columns=COLUMNS) -> str:
     """An aligned text table, one line per run."""
-    lines = [[title for _key, title in COLUMNS]]
-    lines += [[row.cells()[key] for key, _title in COLUMNS] for row in table]
-    widths = [max(len(line[index]) for line in lines) for index in range(len(COLUMNS))]
+    lines = [[title for _key, title in columns]]
+    lines += [[row.cells()[key] for key, _title in columns] for row in table]
+    widths = [max(len(line[index]) for line in lines) for index in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in lines

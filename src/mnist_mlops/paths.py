@@ -32,6 +32,8 @@ REGISTRY_FILE = REPORTS_DIR / "registry.json"
 
 MLFLOW_DB_NAME = "mlflow.db"
 MLFLOW_ARTIFACTS_NAME = "mlartifacts"
+# The embedded Optuna storage of `mnist-mlops tune`, beside the MLflow store.
+OPTUNA_DB_NAME = "optuna.db"
 
 
 def processed_split_file(split: str) -> Path:

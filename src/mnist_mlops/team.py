@@ -1,8 +1,8 @@
 """The team's tracking server: MLflow on PostgreSQL, artifacts proxied, login required.
 
 `mnist-mlops tracking-server` prepares PostgreSQL (the role and the databases
-for runs and for users, when an admin connection is given) and then replaces
-itself with
+for runs, for users and for `mnist-mlops tune`'s Optuna studies, when an admin
+connection is given) and then replaces itself with
 
     mlflow server --backend-store-uri postgresql://… --artifacts-destination DIR
                   --serve-artifacts --app-name basic-auth --host 127.0.0.1
@@ -45,20 +45,33 @@ def admin_password() -> str:
 
 def auth_database_uri(backend_store_uri: str) -> str:
     """The users database: the runs database's name with `_auth` appended, on the same server."""
+    return _beside(backend_store_uri, "_auth")
+
+
+def optuna_database_uri(backend_store_uri: str) -> str:
+    """The studies of `mnist-mlops tune`: the runs database's name with `_optuna` appended."""
+    return _beside(backend_store_uri, "_optuna")
+
+
+def _beside(backend_store_uri: str, suffix: str) -> str:
     parts = urllib.parse.urlsplit(backend_store_uri)
-    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path}_auth"))
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path}{suffix}"))
 
 
 def prepare_postgres(admin_uri: str, backend_store_uri: str) -> None:
-    """Create the backend's role and its two databases if they do not exist yet."""
+    """Create the backend's role and its databases (runs, users, Optuna studies) if missing."""
     import psycopg2
     from psycopg2 import sql
 
     backend = urllib.parse.urlsplit(backend_store_uri)
     role, password = backend.username, urllib.parse.unquote(backend.password or "")
     databases = [
-        backend.path.lstrip("/"),
-        urllib.parse.urlsplit(auth_database_uri(backend_store_uri)).path.lstrip("/"),
+        urllib.parse.urlsplit(uri).path.lstrip("/")
+        for uri in (
+            backend_store_uri,
+            auth_database_uri(backend_store_uri),
+            optuna_database_uri(backend_store_uri),
+        )
     ]
     if not role or not password:
         raise TeamServerError("the backend store URI must name its user and password")

@@ -138,6 +138,16 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 @contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so cleanup runs."""
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+@contextmanager
 def termination_deferred() -> Iterator[None]:
     """Let a write to the store finish before SIGTERM stops the stage.
 

@@ -114,15 +114,8 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
             context="training",
         )
         started = time.perf_counter()
-        history = network.fit(
-            train_images,
-            train_labels,
-            validation_data=(validation_images, validation_labels),
-            epochs=config.train.epochs,
-            batch_size=config.train.batch_size,
-            validation_batch_size=INFERENCE_BATCH_SIZE,
-            callbacks=[_epoch_logger()],
-            verbose=2,
+        history = fit(
+            config, network, (train_images, train_labels), (validation_images, validation_labels)
         )
         fit_seconds = time.perf_counter() - started
         mlflow.log_metric("fit_seconds", fit_seconds)
@@ -152,6 +145,21 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
         f"val_accuracy {final['val_accuracy']:.4f}; MLflow run {run.info.run_id}"
     )
     return final
+
+
+def fit(config: Config, network, training, validation, callbacks=(), verbose: int = 2):
+    """Fit `network` on (images, labels) pairs; every epoch's metrics go to the active run."""
+    images, labels = training
+    return network.fit(
+        images,
+        labels,
+        validation_data=validation,
+        epochs=config.train.epochs,
+        batch_size=config.train.batch_size,
+        validation_batch_size=INFERENCE_BATCH_SIZE,
+        callbacks=[_epoch_logger(), *callbacks],
+        verbose=verbose,
+    )
 
 
 def save_models(config: Config, network, validation_images, outputs: TrainOutputs) -> None:
