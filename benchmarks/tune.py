@@ -60,9 +60,13 @@ def epochs(loaded: optuna.Study) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=20, help="budget of the pruning studies")
+    parser.add_argument(
+        "--trials", type=int, default=20, help="budget of the pruning studies (0: skip them)"
+    )
     parser.add_argument("--throughput-trials", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="workers of the pruning studies")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="workers of the pruning studies (1: repeatable)"
+    )
     arguments = parser.parse_args()
     processed = PROJECT / "data" / "processed"
     if not (processed / "manifest.json").exists():
@@ -89,7 +93,7 @@ def main() -> None:
         # (b) The mlp search space as shipped, same seed, pruning on and off.
         budget = ["--trials", str(arguments.trials)]
         results = {}
-        for pruner in ("median", "none"):
+        for pruner in ("median", "none") if arguments.trials else ():
             elapsed, loaded = study(
                 workdir, f"pruning-{pruner}", arguments.workers, *budget, "--pruner", pruner
             )
@@ -102,15 +106,17 @@ def main() -> None:
                 flush=True,
             )
 
-    (pruned_epochs, pruned_best, pruned_time), (full_epochs, full_best, full_time) = (
-        results["median"],
-        results["none"],
-    )
     print()
     print("| measure | value |")
     print("|---|---|")
     print(f"| trials/min, 1 worker | {rates[1]:.2f} |")
     print(f"| trials/min, 2 workers | {rates[2]:.2f} ({rates[2] / rates[1]:.2f}×) |")
+    if not results:
+        return
+    (pruned_epochs, pruned_best, pruned_time), (full_epochs, full_best, full_time) = (
+        results["median"],
+        results["none"],
+    )
     print(
         f"| epochs, median pruner / none | {pruned_epochs} / {full_epochs} "
         f"({1 - pruned_epochs / full_epochs:.0%} fewer) |"

@@ -21,11 +21,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from mnist_mlops import search
 from mnist_mlops.config import flatten
 from mnist_mlops.team import optuna_database_uri, prepare_postgres
 
 from .conftest import (
     REAL_MNIST,
+    REPO_ROOT,
     compose_config,
     copy_project,
     free_port,
@@ -208,6 +210,34 @@ def test_the_best_trial_becomes_a_preset_that_dvc_exp_run_reproduces(tuning, duo
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     pipeline_run = client.get_run(pipeline_run_id(project))
     assert abs(pipeline_run.data.metrics["val_accuracy"] - best.value) <= 0.05
+
+
+def test_export_writes_the_preset_again_and_never_over_a_hand_written_one(tuning, duo):
+    project, env = tuning
+    preset = project / "conf" / "experiment" / "duo.yaml"
+    exported = preset.read_text()
+    trials = len(load(embedded_storage(project), "duo").trials)
+    preset.unlink()
+    result = run(tune_command("duo", "--export"), project, env)
+    assert "dvc exp run -S experiment=duo" in result.stdout
+    assert preset.read_text() == exported
+    assert len(load(embedded_storage(project), "duo").trials) == trials  # nothing ran
+
+    preset.write_text("# @package _global_\ntrain:\n  epochs: 7\n")
+    refused = run(tune_command("duo", "--export"), project, env, check=False)
+    assert refused.returncode == 2 and "was not exported by tune" in refused.stderr
+    assert preset.read_text().endswith("epochs: 7\n")
+    preset.write_text(exported)
+
+
+def test_every_search_space_is_valid_and_covers_its_groups():
+    conf = REPO_ROOT / "conf"
+    assert search.available(conf) == ["cnn", "mlp"]
+    for name in search.available(conf):
+        space = search.load(name, config_dir=conf)
+        assert space.parameters
+        for parameter in space.parameters:
+            assert parameter.name.split(".")[0] in ("model", "optimizer", "train")
 
 
 def test_workers_on_postgresql_share_one_study(tuning, postgres):

@@ -32,7 +32,7 @@ def run_stage(stage: str, params_file: Path) -> int:
     from mnist_mlops.fetch import FetchError
     from mnist_mlops.onnx_export import ExportError
     from mnist_mlops.preprocess import DataError
-    from mnist_mlops.tracking import tracking_uri
+    from mnist_mlops.tracking import store_failure
 
     try:
         config = load_params(params_file)
@@ -48,12 +48,10 @@ def run_stage(stage: str, params_file: Path) -> int:
         print(f"mnist-mlops {stage}: error: {error}", file=sys.stderr)
         return 1
     except Exception as error:
-        # Stages that never touch MLflow never import it (it costs a second).
-        mlflow_exceptions = sys.modules.get("mlflow.exceptions")
-        if mlflow_exceptions is None or not isinstance(error, mlflow_exceptions.MlflowException):
+        failure = store_failure(error)
+        if failure is None:
             raise
-        reason = error.message.strip().splitlines()[0]
-        print(f"mnist-mlops {stage}: MLflow at {tracking_uri()} failed: {reason}", file=sys.stderr)
+        print(f"mnist-mlops {stage}: {failure}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interruption:
         print(f"mnist-mlops {stage}: interrupted {interruption}", file=sys.stderr)

@@ -50,6 +50,16 @@ def tracking_uri() -> str:
     return f"sqlite:///{database}?timeout={SQLITE_BUSY_TIMEOUT_SECONDS}"
 
 
+def store_failure(error: BaseException) -> str | None:
+    """One line for an error of the MLflow store (down, refusing, …); None for any other error."""
+    # Commands that never touch MLflow never import it (it costs a second).
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is None or not isinstance(error, mlflow_exceptions.MlflowException):
+        return None
+    reason = error.message.strip().splitlines()[0]
+    return f"MLflow at {tracking_uri()} failed: {reason}"
+
+
 @contextmanager
 def project_lock(name: str) -> Iterator[None]:
     """An exclusive lock, shared by every process working on this project on this machine."""

@@ -43,7 +43,7 @@ def add_command(commands) -> None:
     tune.add_argument(
         "--prune-after",
         type=int,
-        default=3,
+        default=5,
         help="complete trials before the median rule cuts any (%(default)s)",
     )
     tune.add_argument(
@@ -87,14 +87,10 @@ def main_tune(arguments: argparse.Namespace) -> int:
         )
         return 130
     except Exception as error:
-        mlflow_exceptions = sys.modules.get("mlflow.exceptions")
-        if mlflow_exceptions is None or not isinstance(error, mlflow_exceptions.MlflowException):
+        failure = tracking.store_failure(error)
+        if failure is None:
             raise
-        reason = error.message.strip().splitlines()[0]
-        print(
-            f"mnist-mlops tune: MLflow at {tracking.tracking_uri()} failed: {reason}",
-            file=sys.stderr,
-        )
+        print(f"mnist-mlops tune: {failure}", file=sys.stderr)
         return 1
 
 
@@ -168,12 +164,16 @@ def tune(arguments: argparse.Namespace) -> int:
     )
     objective = Objective(space, arguments.trials, experiment_id, parent, digest)
     study_runs.set_parent_status(parent, "RUNNING")
-    status = "KILLED"
+    status = "FAILED"
     try:
         with tracking.sigterm_interrupts():
-            work(study, arguments.trials, arguments.timeout, objective, arguments.heartbeat)
+            work(study, arguments.trials, arguments.timeout, objective)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
+        # The parent run ends with the last worker; the others leave it running.
         if not trials_in(study, "RUNNING"):
             if status == "FINISHED":
                 study_runs.record_best(parent, study)
@@ -186,7 +186,7 @@ def tune(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def work(study, budget: int, timeout: float | None, objective, poll_seconds: float) -> None:
+def work(study, budget: int, timeout: float | None, objective, poll_seconds: float = 1.0) -> None:
     """Run trials until the study has `budget` finished ones, or `timeout` has passed.
 
     A trial starts only while finished plus running trials are below the
