@@ -67,11 +67,12 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install --no-compile --no-deps . \
     && PYTHONDONTWRITEBYTECODE='' python -c \
-        'from mnist_mlops.serve import import_server_modules; import_server_modules()'
+        'from mnist_mlops.__main__ import parser; parser(); \
+         from mnist_mlops.serving.server import import_server_modules; import_server_modules()'
 
 USER 1000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
-    CMD ["python", "-m", "mnist_mlops.healthcheck"]
+    CMD ["python", "-m", "mnist_mlops.serving.healthcheck"]
 ENTRYPOINT ["tini", "--", "mnist-mlops"]
 CMD ["serve"]
 

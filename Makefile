@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
+# MkDocs Material prints a notice about its successor on every build.
+export NO_MKDOCS_2_WARNING := 1
 PORT ?= 5000
 SERVERS ?= model
 STUDY ?= mlp-search
@@ -14,7 +16,7 @@ TRIALS ?= 20
 SEARCH ?= mlp
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro tune test test-fast lint format params ui serve tracking-server certs proxy benchmark clean
+.PHONY: help install repro tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -33,7 +35,7 @@ repro: install ## Run the pipeline end to end (dvc repro)
 tune: install ## Search hyperparameters with Optuna (STUDY=…, TRIALS=…, SEARCH=mlp|cnn)
 	mnist-mlops tune --study $(STUDY) --trials $(TRIALS) --search $(SEARCH)
 
-test: install lint ## Run the whole test suite, slow tests included
+test: install lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included
 	pytest
 
 test-fast: install ## Run the tests without the real-data and container ones
@@ -43,6 +45,12 @@ lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint
 	ruff check .
 	ruff format --check .
 	hadolint Dockerfile
+
+docs: install ## Serve the docs site on 127.0.0.1:8000, rebuilt on every change
+	mkdocs serve
+
+docs-build: install ## Build the docs site into site/; a broken link or anchor fails it
+	mkdocs build --strict --quiet
 
 format: install ## Format and fix with ruff
 	ruff format .
@@ -74,4 +82,4 @@ benchmark: install ## Benchmark the pipeline, the server, the serving environmen
 	python benchmarks/tune.py
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -157,7 +157,7 @@ def floor_model(directory: Path) -> str:
     """Save the constant-output pyfunc, with the champion's signature, as models from code."""
     import mlflow
 
-    from mnist_mlops.model_logging import classifier_signature
+    from mnist_mlops.model.flavors import classifier_signature
 
     code = directory / "constant.py"
     code.write_text(CONSTANT_MODEL)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from mnist_mlops.studies import STORAGE_ENV
+from mnist_mlops.tuning.studies import STORAGE_ENV
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mnist_mlops.config import Config, validate
-from mnist_mlops.fetch import IDX_FILES, NPZ_FILE
+from mnist_mlops.pipeline.fetch import IDX_FILES, NPZ_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
@@ -238,10 +238,10 @@ def train_champion(directory: Path, *overrides: str) -> tuple[str, np.ndarray]:
 
     Runs the real stages in-process; returns the store's URI and the test images.
     """
-    from mnist_mlops.evaluate import evaluate
-    from mnist_mlops.fetch import fetch
-    from mnist_mlops.preprocess import load_split, preprocess
-    from mnist_mlops.train import train
+    from mnist_mlops.pipeline.evaluate import evaluate
+    from mnist_mlops.pipeline.fetch import fetch
+    from mnist_mlops.pipeline.preprocess import load_split, preprocess
+    from mnist_mlops.pipeline.train import train
 
     write_mirror(directory / "mirror")
     config = validate(compose_config(*tiny_overrides(directory / "mirror"), *overrides))
@@ -320,7 +320,7 @@ def unavailable(reason: str):
 @pytest.fixture(scope="session")
 def certificates(tmp_path_factory) -> Path:
     """A private CA and a certificate for 127.0.0.1 and localhost, made by `mnist-mlops certs`."""
-    from mnist_mlops.proxy import ProxyError, nginx_binary
+    from mnist_mlops.serving.proxy import ProxyError, nginx_binary
 
     try:
         nginx_binary()

@@ -8,7 +8,7 @@ import yaml
 from dvc.utils.hydra import compose_and_dump
 
 from mnist_mlops.config import ConfigError, load_params, validate
-from mnist_mlops.models import MODELS, OPTIMIZERS, build_model
+from mnist_mlops.model.architectures import MODELS, OPTIMIZERS, build_model
 
 from .conftest import REPO_ROOT, compose_config, subprocess_env
 

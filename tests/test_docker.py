@@ -55,8 +55,9 @@ def test_base_image_is_a_pinned_slim_python_the_project_supports():
 def test_pipeline_image_installs_the_same_lock_file_as_make_install():
     makefile = (REPO_ROOT / "Makefile").read_text()
     readme = (REPO_ROOT / "README.md").read_text()
+    containers = (REPO_ROOT / "docs" / "containers.md").read_text()
     assert "pip install --quiet --disable-pip-version-check -r requirements-lock.txt" in makefile
-    assert "make test" in readme and "docker build" in readme
+    assert "make test" in readme and "docker build" in containers
     pipeline = stages()["pipeline"]
     runs = instructions("RUN", pipeline)
     assert any("pip install -r requirements-lock.txt" in command for command in runs)
@@ -97,8 +98,8 @@ def test_images_run_unprivileged_under_tini_and_serve_on_the_exposed_port():
 
 def test_the_serving_image_checks_its_health_with_the_standard_library_only():
     (healthcheck,) = instructions("HEALTHCHECK", stages()["serve"])
-    assert healthcheck.endswith('CMD ["python", "-m", "mnist_mlops.healthcheck"]')
-    source = (REPO_ROOT / "src" / "mnist_mlops" / "healthcheck.py").read_text()
+    assert healthcheck.endswith('CMD ["python", "-m", "mnist_mlops.serving.healthcheck"]')
+    source = (REPO_ROOT / "src" / "mnist_mlops" / "serving" / "healthcheck.py").read_text()
     imported = {
         name.split(".")[0]
         for node in ast.walk(ast.parse(source))
@@ -113,7 +114,7 @@ def test_the_serving_image_checks_its_health_with_the_standard_library_only():
 def test_the_healthcheck_fails_with_the_address_when_no_server_answers():
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "mnist_mlops.healthcheck"],
+        [sys.executable, "-m", "mnist_mlops.serving.healthcheck"],
         env={**os.environ, "MNIST_SERVE_PORT": str(port)},
         capture_output=True,
         text=True,

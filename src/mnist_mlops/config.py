@@ -16,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_mlops.models import MODELS, OPTIMIZERS
+from mnist_mlops.model.architectures import MODELS, OPTIMIZERS
 from mnist_mlops.paths import PARAMS_FILE
 
 DATA_FORMATS = ("auto", "npz", "idx")

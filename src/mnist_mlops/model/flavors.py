@@ -1,0 +1,135 @@
+"""The models each run logs to MLflow, with their signatures and pinned requirements.
+
+`train` logs the Keras model (`model`, Keras flavor) and, with the ONNX
+runtime, its export (`onnx_model`, ONNX flavor); `evaluate` logs the servable
+`classifier` (classifier.py as models from code) that the registry versions.
+The classifier's requirements follow its runtime: with ONNX they are MLflow,
+onnxruntime, numpy and pandas, with no TensorFlow and no Keras.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import types
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mnist_mlops.model.architectures import IMAGE_SHAPE, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import keras
+    import mlflow
+
+MODEL_ARTIFACT = "model"
+ONNX_ARTIFACT = "onnx_model"
+CLASSIFIER_ARTIFACT = "classifier"
+
+_KERAS_REQUIREMENTS = ("mlflow", "tensorflow", "keras")
+# mlflow-skinny is MLflow without its server, UI and SQL stores, and serves
+# models all the same; MLflow's pyfunc needs pandas, which skinny leaves out.
+_ONNX_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas")
+
+
+def pinned(names: tuple[str, ...]) -> list[str]:
+    """The exact installed versions of `names`, as pip requirements.
+
+    Listing them is also much faster than MLflow's inference, which reloads
+    the model in a subprocess to see what it imports.
+    """
+    return [f"{name}=={metadata.version(name)}" for name in names]
+
+
+def model_signature() -> mlflow.models.ModelSignature:
+    """Input: a batch of raw 28×28 images with pixels in 0–255; output: 10 probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+    )
+
+
+def _save_keras_model(path: str, **save_arguments) -> None:
+    import mlflow.keras
+
+    # mlflow 3.17's Keras flavor writes input_example.json before it creates
+    # the model folder, so any input example fails with FileNotFoundError.
+    # Creating the folder first lets the flavor save the example as designed.
+    os.makedirs(path, exist_ok=True)
+    mlflow.keras.save_model(path=path, **save_arguments)
+
+
+# Model.log takes any object with a save_model function and names the flavor
+# after its __name__; this one is the Keras flavor with the fix above.
+_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
+
+
+def log_keras_model(model: keras.Model, input_example: np.ndarray) -> mlflow.models.model.ModelInfo:
+    """Log `model` to the active run with the Keras flavor, its signature and an input example."""
+    from mlflow.models import Model
+
+    return Model.log(
+        artifact_path=None,
+        name=MODEL_ARTIFACT,
+        flavor=_KERAS_FLAVOR,
+        model=model,
+        signature=model_signature(),
+        input_example=input_example.astype(np.float32),
+        pip_requirements=pinned(_KERAS_REQUIREMENTS),
+    )
+
+
+def log_onnx_model(model_file: Path, input_example: np.ndarray) -> mlflow.models.model.ModelInfo:
+    """Log the exported ONNX model to the active run with MLflow's ONNX flavor."""
+    import mlflow.onnx
+    import onnx
+
+    return mlflow.onnx.log_model(
+        onnx.load(str(model_file)),
+        name=ONNX_ARTIFACT,
+        signature=model_signature(),
+        input_example=input_example.astype(np.float32),
+        # The flavor's own loader also needs onnx itself.
+        pip_requirements=pinned((*_ONNX_REQUIREMENTS, "onnx")),
+        onnx_execution_providers=["CPUExecutionProvider"],
+    )
+
+
+def classifier_signature() -> mlflow.models.ModelSignature:
+    """Input: a batch of raw 28×28 images (pixel values 0–255); output: digit and probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]))
+
+
+def log_classifier(
+    runtime: str, model_file: Path, input_example: np.ndarray, max_batch_size: int
+) -> mlflow.models.model.ModelInfo:
+    """Log the servable classifier around `model_file` (ONNX or Keras) to the active run."""
+    import mlflow
+
+    from mnist_mlops.model import classifier
+
+    model_artifact = classifier.ONNX_ARTIFACT if runtime == "onnx" else classifier.KERAS_ARTIFACT
+    requirements = _ONNX_REQUIREMENTS if runtime == "onnx" else _KERAS_REQUIREMENTS
+    with tempfile.TemporaryDirectory() as scratch:
+        settings_file = Path(scratch) / "serving.json"
+        settings_file.write_text(json.dumps({"max_batch_size": max_batch_size, "runtime": runtime}))
+        return mlflow.pyfunc.log_model(
+            name=CLASSIFIER_ARTIFACT,
+            python_model=classifier.__file__,
+            artifacts={
+                model_artifact: str(model_file),
+                classifier.SETTINGS_ARTIFACT: str(settings_file),
+            },
+            signature=classifier_signature(),
+            input_example=input_example.astype(np.float32),
+            pip_requirements=pinned(requirements),
+        )

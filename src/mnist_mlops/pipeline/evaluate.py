@@ -1,0 +1,202 @@
+"""Stage `evaluate`: score the trained model on the test set, in the training run.
+
+It scores the artifact that will be served: with `serving.runtime: onnx` (the
+default) models/model.onnx under ONNX Runtime, without ever importing
+TensorFlow; with `keras`, models/model.keras under Keras.
+
+Writes reports/metrics.json (DVC metrics), per-class accuracy, every test
+prediction as a CSV that DVC draws as a confusion matrix, and the test
+images the model got most confidently wrong (reports/mistakes.png, a DVC
+image plot); logs the same numbers and both images to the MLflow run that
+trained the model, with a one-line description of the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+
+from mnist_mlops.atomic import atomic_path, write_json, write_text
+from mnist_mlops.config import Config
+from mnist_mlops.model import flavors
+from mnist_mlops.model.architectures import INFERENCE_BATCH_SIZE, NUM_CLASSES, import_keras
+from mnist_mlops.paths import (
+    METRICS_FILE,
+    MISTAKES_FILE,
+    MODEL_FILE,
+    ONNX_MODEL_FILE,
+    PER_CLASS_FILE,
+    PREDICTIONS_FILE,
+    REGISTRY_FILE,
+    RUN_FILE,
+)
+from mnist_mlops.pipeline.figures import confusion_image, mistakes_image
+from mnist_mlops.pipeline.preprocess import load_split
+from mnist_mlops.tracking import ui
+from mnist_mlops.tracking.registry import register
+from mnist_mlops.tracking.runs import active_run
+from mnist_mlops.tracking.store import project_lock, use_experiment
+
+# Keras clips probabilities to this before taking logs in its cross-entropy.
+_EPSILON = 1e-7
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Counts indexed [true digit, predicted digit]."""
+    pairs = labels.astype(np.int64) * NUM_CLASSES + predicted
+    return np.bincount(pairs, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """Test loss, accuracy and per-class accuracy from the predicted probabilities."""
+    predicted = probabilities.argmax(axis=1)
+    chosen = probabilities[np.arange(len(labels)), labels]
+    matrix = confusion_matrix(labels, predicted)
+    class_totals = matrix.sum(axis=1)
+    per_class = {
+        str(digit): float(matrix[digit, digit] / class_totals[digit])
+        for digit in range(NUM_CLASSES)
+        if class_totals[digit]
+    }
+    return {
+        "test_loss": float(-np.log(np.clip(chosen, _EPSILON, 1 - _EPSILON)).mean()),
+        "test_accuracy": float((predicted == labels).mean()),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix,
+        "predicted": predicted,
+    }
+
+
+def predictions_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(zip(labels.tolist(), predicted.tolist(), strict=True))
+    return buffer.getvalue()
+
+
+def served_model_file(config: Config):
+    """The model file that the configured runtime scores and serves."""
+    return ONNX_MODEL_FILE if config.serving.runtime == "onnx" else MODEL_FILE
+
+
+def served_probabilities(config: Config, images: np.ndarray) -> np.ndarray:
+    """The served model's probabilities for `images`, from the configured runtime."""
+    if config.serving.runtime == "onnx":
+        from mnist_mlops.model.export import inference_session, predict_probabilities
+
+        return predict_probabilities(inference_session(ONNX_MODEL_FILE), images)
+    network = import_keras().saving.load_model(MODEL_FILE)
+    return network.predict(images, batch_size=INFERENCE_BATCH_SIZE, verbose=0)
+
+
+def evaluate(config: Config) -> dict[str, float]:
+    """Evaluate the served model file on the test split, register it, apply the promotion gate.
+
+    Returns test_accuracy and test_loss.
+    """
+    import mlflow
+
+    experiment_id = use_experiment(config.mlflow)
+    run_id = json.loads(RUN_FILE.read_text())["run_id"]
+    images, labels = load_split("test")
+    probabilities = served_probabilities(config, images)
+    result = score(labels, probabilities)
+    metrics = {name: result[name] for name in ("test_accuracy", "test_loss")}
+
+    write_json(PER_CLASS_FILE, result["per_class_accuracy"])
+    write_text(PREDICTIONS_FILE, predictions_csv(labels, result["predicted"]))
+    mistakes = mistakes_image(images, labels, probabilities)
+    with atomic_path(MISTAKES_FILE) as staging:
+        mistakes.save(staging, format="PNG")
+    with active_run(run_id=run_id) as run:
+        mlflow.set_tag(ui.NOTE_TAG, _run_note(config, run, metrics["test_accuracy"]))
+        mlflow.log_image(mistakes, "mistakes.png")
+        mlflow.log_metrics(metrics)
+        per_class = result["per_class_accuracy"]
+        mlflow.log_metrics(
+            {f"test_accuracy_digit_{digit}": per_class[digit] for digit in per_class}
+        )
+        mlflow.log_image(confusion_image(result["confusion_matrix"]), "confusion_matrix.png")
+        mlflow.log_dict(per_class, "per_class_accuracy.json")
+        registration = _register(config, run, metrics["test_accuracy"], images[:1])
+        mlflow.set_tags(
+            {
+                "registry.version": str(registration.version),
+                "registry.promoted": str(registration.promoted).lower(),
+            }
+        )
+    # The UI's saved view of the training runs, with this run among them.
+    ui.save_view(mlflow.MlflowClient(), experiment_id)
+    # The metrics files are written last: DVC and users read them as the sign of
+    # a complete evaluation.
+    write_json(
+        REGISTRY_FILE,
+        {
+            "run_id": run_id,
+            "version": registration.version,
+            "promoted": registration.promoted,
+            "champion_version": registration.champion_version,
+        },
+    )
+    write_json(METRICS_FILE, metrics)
+    print(
+        f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} "
+        f"(MLflow run {run_id})\n"
+        f"registered {registration.model_name} v{registration.version}: {registration.reason}"
+    )
+    return metrics
+
+
+def _run_note(config: Config, run, test_accuracy: float) -> str:
+    optimizer = config.raw["optimizer"]
+    return ui.run_note(
+        config.model_name,
+        optimizer["name"],
+        optimizer["learning_rate"],
+        config.train.epochs,
+        test_accuracy,
+        (run.data.tags or {}).get("dvc.exp_name"),
+    )
+
+
+def _register(config: Config, run, test_accuracy: float, example: np.ndarray):
+    """Log the servable classifier to the run and register it behind the promotion gate."""
+    tags = dict(run.data.tags) if run.data.tags else {}
+    provenance = {
+        "run_id": run.info.run_id,
+        "git.commit": tags.get("git.commit", "unknown"),
+        "data.digest": tags.get("data.digest", "unknown"),
+        "model.name": config.model_name,
+        "serving.runtime": config.serving.runtime,
+    }
+    if tags.get("dvc.exp_name"):
+        provenance["dvc.exp_name"] = tags["dvc.exp_name"]
+    runtime = config.serving.runtime
+    model_info = flavors.log_classifier(
+        runtime, served_model_file(config), example, config.serving.max_batch_size
+    )
+    served_by = {
+        "onnx": "ONNX Runtime on the ONNX export (checked against Keras; no TensorFlow)",
+        "keras": "Keras on TensorFlow",
+    }[runtime]
+    description = (
+        f"{config.model_name} trained for {config.train.epochs} epochs on MNIST "
+        f"(processed data {provenance['data.digest'][:12]}) at commit "
+        f"{provenance['git.commit'][:12]}; test_accuracy {test_accuracy:.4f}. "
+        f"Served by {served_by}. MLflow run {run.info.run_id}."
+    )
+    # Queued experiments evaluate side by side: reading the champion and moving
+    # the alias must not interleave, or a worse model could be promoted last.
+    with project_lock("registry"):
+        return register(
+            model_info.model_uri,
+            config.registry.model_name,
+            test_accuracy,
+            config.registry.promotion_margin,
+            provenance,
+            description,
+        )

@@ -1,0 +1,150 @@
+"""The serving wing's commands: `serve` the champion, `predict` with it, `proxy`, `certs`.
+
+`serve` imports only what the served model's environment holds
+(requirements-serve.txt): no TensorFlow, DVC or Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mnist_mlops.paths import PARAMS_FILE
+
+CHAMPION_URI = "models:/mnist-classifier@champion"
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    serving = commands.add_parser("serve", help="serve the champion model over HTTP")
+    serving.add_argument("--model-uri", default=CHAMPION_URI, help="the registered model")
+    serving.add_argument(
+        "--host",
+        default=os.environ.get("MNIST_SERVE_HOST", "127.0.0.1"),
+        help="bind address (%(default)s; MNIST_SERVE_HOST sets the default)",
+    )
+    serving.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("MNIST_SERVE_PORT", "5000")),
+        help="port (%(default)s; MNIST_SERVE_PORT sets the default)",
+    )
+    serving.set_defaults(run=serve)
+
+    client = commands.add_parser("predict", help="classify digit images with the served model")
+    client.add_argument("files", nargs="+", type=Path, metavar="IMAGE", help="PNG, JPEG, …")
+    client.add_argument("--url", default="http://127.0.0.1:5000", help="the model server")
+    client.add_argument(
+        "--ca", type=Path, help="the CA that signed an https:// server's certificate"
+    )
+    client.set_defaults(run=predict)
+
+    proxy = commands.add_parser(
+        "proxy", help="HTTPS in front of the model server, the tracking server, or both (nginx)"
+    )
+    proxy.add_argument(
+        "servers",
+        nargs="?",
+        default="model",
+        choices=("model", "tracking", "both"),
+        help="which servers to put behind it",
+    )
+    proxy.add_argument("--host", default="127.0.0.1", help="bind address")
+    proxy.add_argument("--model-upstream", default="127.0.0.1:5000", help="the model server")
+    proxy.add_argument("--model-port", type=int, default=8443, help="HTTPS port for the model")
+    proxy.add_argument("--tracking-upstream", default="127.0.0.1:5001", help="the tracking server")
+    proxy.add_argument(
+        "--tracking-port", type=int, default=8444, help="HTTPS port for the tracking server"
+    )
+    proxy.add_argument(
+        "--certificate", type=Path, default=Path("deploy/certs/server.crt"), help="PEM"
+    )
+    proxy.add_argument("--key", type=Path, default=Path("deploy/certs/server.key"), help="PEM")
+    proxy.add_argument("--rate", type=int, default=50, help="requests per second per client")
+    proxy.add_argument("--burst", type=int, default=100, help="requests over the rate")
+    proxy.add_argument(
+        "--tracking-max-body", default="5g", help="the tracking server's upload limit"
+    )
+    proxy.add_argument("--print-config", action="store_true", help="print nginx.conf and exit")
+    proxy.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
+    proxy.set_defaults(run=proxy_command)
+
+    certificates = commands.add_parser(
+        "certs", help="make a private CA and a certificate for 127.0.0.1 and localhost"
+    )
+    certificates.add_argument(
+        "--directory", type=Path, default=Path("deploy/certs"), help="where to write them"
+    )
+    certificates.set_defaults(run=certs)
+
+
+def serve(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.serving.server import serve as run_server
+
+    return run_server(arguments.model_uri, arguments.host, arguments.port)
+
+
+def predict(arguments: argparse.Namespace) -> int:
+    """Print the served model's digit and its probability for each image file."""
+    from mnist_mlops.serving.client import ClientError, load_image
+    from mnist_mlops.serving.client import predict as post
+
+    files = arguments.files
+    try:
+        predictions = post([load_image(path) for path in files], arguments.url, ca=arguments.ca)
+    except ClientError as error:
+        print(f"mnist-mlops predict: {error}", file=sys.stderr)
+        return 1
+    for path, prediction in zip(files, predictions, strict=True):
+        digit = prediction["digit"]
+        print(f"{path}: {digit} (probability {prediction['probabilities'][digit]:.3f})")
+    return 0
+
+
+def certs(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.serving.proxy import ProxyError, make_certificates
+
+    try:
+        for path in make_certificates(arguments.directory):
+            print(path)
+    except ProxyError as error:
+        print(f"mnist-mlops certs: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def proxy_command(arguments: argparse.Namespace) -> int:
+    """The `proxy` command: build the settings from the arguments and params.yaml, then run."""
+    from mnist_mlops.config import ConfigError, load_params
+    from mnist_mlops.serving.proxy import ProxyError, ProxySettings, Upstream, render, run_proxy
+
+    try:
+        max_batch_size = load_params(arguments.params).serving.max_batch_size
+    except ConfigError as error:
+        print(f"mnist-mlops proxy: {error}", file=sys.stderr)
+        return 2
+    servers = arguments.servers
+    upstreams = []
+    if servers in ("model", "both"):
+        upstreams.append(Upstream("model", arguments.model_upstream, arguments.model_port))
+    if servers in ("tracking", "both"):
+        upstreams.append(Upstream("tracking", arguments.tracking_upstream, arguments.tracking_port))
+    settings = ProxySettings(
+        upstreams=tuple(upstreams),
+        certificate=arguments.certificate,
+        key=arguments.key,
+        host=arguments.host,
+        max_batch_size=max_batch_size,
+        rate=arguments.rate,
+        burst=arguments.burst,
+        tracking_max_body=arguments.tracking_max_body,
+    )
+    try:
+        if arguments.print_config:
+            print(render(settings))
+            return 0
+        return run_proxy(settings)
+    except ProxyError as error:
+        print(f"mnist-mlops proxy: {error}", file=sys.stderr)
+        return 1

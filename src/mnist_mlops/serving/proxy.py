@@ -1,0 +1,244 @@
+"""`mnist-mlops proxy`: nginx with TLS in front of the model server, the tracking server, or both.
+
+MLflow's servers speak plain HTTP and read any body in full: the team
+server's basic-auth passwords would cross the network in clear, and a 20 MB
+request reaches the scoring server before the model's image limit refuses
+it. The proxy renders deploy/nginx.conf with the project's settings into a
+private folder and runs Debian's nginx in the foreground:
+
+- HTTPS only (plain HTTP on the same port is redirected, never passed on);
+- model server: only /invocations, /ping, /health and /version; bodies over
+  the room for `serving.max_batch_size` images get a JSON 413 before they
+  are read; more than `--rate` requests per second from one client (after a
+  burst of `--burst`) get a JSON 429; keep-alive connections upstream;
+- tracking server: everything passes through, streamed, with its own larger
+  body limit for artifact uploads.
+
+`mnist-mlops certs` makes a private CA and a certificate for 127.0.0.1 and
+localhost, for local use and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DEPLOY_DIR = Path("deploy")
+CERTS_DIR = DEPLOY_DIR / "certs"
+PIXELS_PER_IMAGE = 28 * 28
+# A pixel value written in JSON as e.g. "254.99998, ": generous for integers
+# (at most "255, ") and for floats printed with a few decimals.
+BYTES_PER_PIXEL = 12
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+
+
+class ProxyError(Exception):
+    """The proxy cannot start as asked (no nginx, a missing certificate, a taken port)."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str  # "model" or "tracking"
+    address: str  # host:port of the server behind the proxy
+    port: int  # where the proxy listens for it
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    upstreams: tuple[Upstream, ...]
+    certificate: Path
+    key: Path
+    host: str = "127.0.0.1"
+    max_batch_size: int = 1024
+    rate: int = 50
+    burst: int = 100
+    tracking_max_body: str = "5g"
+
+
+def max_body_bytes(max_batch_size: int) -> int:
+    """The largest request body the model server is sent: room for `max_batch_size` images."""
+    return max_batch_size * PIXELS_PER_IMAGE * BYTES_PER_PIXEL + REQUEST_OVERHEAD_BYTES
+
+
+def fill(template: str, values: dict[str, object]) -> str:
+    """Replace every {{name}}; a name without a value is an error, never left in the output."""
+    missing = sorted(set(re.findall(r"\{\{(\w+)\}\}", template)) - values.keys())
+    if missing:
+        raise ProxyError(f"no value for {', '.join(missing)} in the nginx template")
+    return re.sub(r"\{\{(\w+)\}\}", lambda match: str(values[match.group(1)]), template)
+
+
+def render(settings: ProxySettings, deploy_dir: Path = DEPLOY_DIR) -> str:
+    """The complete nginx configuration for these settings."""
+    values: dict[str, object] = {
+        "certificate": settings.certificate.resolve(),
+        "key": settings.key.resolve(),
+        "host": settings.host,
+        "rate": settings.rate,
+        "burst": settings.burst,
+        "max_batch_size": settings.max_batch_size,
+        "max_body_bytes": max_body_bytes(settings.max_batch_size),
+        "tracking_max_body": settings.tracking_max_body,
+    }
+    for upstream in settings.upstreams:
+        values[f"{upstream.name}_upstream"] = upstream.address
+        values[f"{upstream.name}_port"] = upstream.port
+    servers = [
+        fill((deploy_dir / f"{upstream.name}-server.conf").read_text(), values)
+        for upstream in settings.upstreams
+    ]
+    return fill((deploy_dir / "nginx.conf").read_text(), {**values, "servers": "\n".join(servers)})
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise ProxyError("nginx is not installed (Debian: apt-get install nginx)")
+    return found
+
+
+def check_inputs(settings: ProxySettings) -> None:
+    """One line for what a user gets wrong most: certificate files and ports."""
+    for label, path in (("certificate", settings.certificate), ("key", settings.key)):
+        if not path.is_file():
+            raise ProxyError(f"no TLS {label} at {path}: give --{label}, or run `make certs`")
+        if not os.access(path, os.R_OK):
+            raise ProxyError(f"the TLS {label} {path} is not readable by this user")
+    for upstream in settings.upstreams:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((settings.host, upstream.port))
+            except OSError as error:
+                raise ProxyError(
+                    f"cannot listen on {settings.host}:{upstream.port} for the {upstream.name} "
+                    f"server: {error.strerror}"
+                ) from None
+
+
+def nginx_error(output: str) -> str:
+    """nginx's first emergency line, without its prefix; or its last line."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    emergencies = [line for line in lines if "[emerg]" in line]
+    line = (emergencies or lines or ["nginx failed without a message"])[0]
+    return re.sub(r"^.*?\[emerg\] (\d+#\d+: )?", "", line).strip()
+
+
+def prepare(settings: ProxySettings, runtime: Path) -> list[str]:
+    """Write the configuration into `runtime`, test it with nginx; return the command to run it."""
+    check_inputs(settings)
+    configuration = runtime / "nginx.conf"
+    configuration.write_text(render(settings))
+    command = [nginx_binary(), "-p", f"{runtime}/", "-c", str(configuration), "-e", "stderr"]
+    tested = subprocess.run([*command, "-t", "-q"], capture_output=True, text=True, timeout=30)
+    if tested.returncode != 0:
+        raise ProxyError(nginx_error(tested.stderr + tested.stdout))
+    return command
+
+
+def _stop_with_parent() -> None:
+    """In nginx's process before it starts: the kernel sends it SIGTERM if this command dies.
+
+    Killed outright (SIGKILL, the OOM killer), this command could not stop
+    nginx, which would keep serving and hold the ports. Linux's
+    PR_SET_PDEATHSIG does it instead.
+    """
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def run_proxy(settings: ProxySettings) -> int:
+    """Run nginx in the foreground until SIGINT or SIGTERM; return its exit status."""
+    runtime = Path(tempfile.mkdtemp(prefix="mnist-mlops-proxy-"))
+    # nginx's workers run as `nobody` when it is started as root, and write
+    # temporary files under this folder.
+    runtime.chmod(0o711)
+    try:
+        command = prepare(settings, runtime)
+        for upstream in settings.upstreams:
+            print(
+                f"mnist-mlops proxy: https://{settings.host}:{upstream.port} → "
+                f"http://{upstream.address} ({upstream.name} server)",
+                flush=True,
+            )
+        process = subprocess.Popen(command, preexec_fn=_stop_with_parent)
+        # Ctrl-C or SIGTERM: nginx's graceful stop (SIGQUIT) finishes the
+        # requests in flight; a second signal stops it at once.
+        stops = iter((signal.SIGQUIT, signal.SIGTERM, signal.SIGTERM))
+
+        def stop(_signum: int, _frame: object) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(next(stops))
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        return process.wait()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def make_certificates(directory: Path = CERTS_DIR) -> list[Path]:
+    """A private CA and a server certificate for 127.0.0.1 and localhost, signed by it.
+
+    Written into a temporary folder that is renamed into place, so a failure
+    leaves no half-made set; an existing set is kept.
+    """
+    names = ("ca.crt", "ca.key", "server.crt", "server.key")
+    if all((directory / name).exists() for name in names):
+        return [directory / name for name in names]
+    if directory.exists():
+        raise ProxyError(f"{directory} exists but is incomplete: remove it and run again")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".certs-", dir=directory.parent))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    server_extensions = work / "server.ext"
+    server_extensions.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+    )
+    commands = [
+        [
+            *("openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt"),
+            *("-days", "825", "-subj", "/CN=mnist-mlops private CA"),
+            *("-addext", "basicConstraints=critical,CA:TRUE"),
+            *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
+        ],
+        [
+            "openssl",
+            "req",
+            *ec,
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        [
+            *("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key"),
+            *("-CAcreateserial", "-days", "825", "-out", "server.crt", "-extfile", "server.ext"),
+        ],
+    ]
+    try:
+        for command in commands:
+            result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=60)
+            if result.returncode != 0:
+                raise ProxyError(f"openssl failed: {result.stderr.strip().splitlines()[-1]}")
+        for name in ("ca.key", "server.key"):
+            (work / name).chmod(0o600)
+        for name in ("server.csr", "server.ext", "ca.srl"):
+            (work / name).unlink(missing_ok=True)
+        work.chmod(0o755)
+        work.rename(directory)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [directory / name for name in names]

@@ -1,0 +1,185 @@
+"""The MLflow UI as a person sees it: descriptions, a saved view of the training runs, direct links.
+
+What headless Chromium showed on `mlflow ui` (MLflow 3.17.2) over this
+project's runs, and what the project does about it:
+
+- The experiment's page opens on the GenAI overview (traces, token usage).
+  The runs page with `?workflowType=machine_learning` lands on the training
+  runs, so that is the link `mnist-mlops ui` prints.
+- The runs table shows no metric and no parameter by default (Run Name,
+  Created, Dataset, Duration, Source, Models), sorted by start time. A view
+  saved in the experiment as the tag `mlflow.sharedViewState.<key>` (the form
+  MLflow's own "Views" menu saves) and opened with `viewStateShareKey=<key>`
+  sets the columns, their order and the sort. The project saves one,
+  `training-runs`: the run's description, test and validation accuracy, and
+  the parameters that differ between the runs, best test accuracy first.
+- Each run's description (the tag `mlflow.note.content`, the table's
+  Description column) says in one line what the run was; the experiment's
+  says what its runs are and how to compare them.
+- What the project cannot change: the default columns of a runs page opened
+  without the view, and the compare page's parallel-coordinates plot, which
+  picks its parameters by itself (the first ones by name, even those that only
+  some runs have); that page has no saved state to set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from mnist_mlops.tracking.store import EXPERIMENT_NOTE, NOTE_TAG
+
+VIEW_KEY = "training-runs"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+ALWAYS_SHOWN_PARAMS = ("model.name", "optimizer.name")
+MAX_PARAM_COLUMNS = 8
+
+
+def run_note(
+    model: str,
+    optimizer: str,
+    learning_rate: float,
+    epochs: int,
+    test_accuracy: float,
+    dvc_experiment: str | None,
+) -> str:
+    """The one-line description of a training run."""
+    note = (
+        f"{model}, {optimizer} (learning rate {learning_rate:g}), {epochs} epochs: "
+        f"test accuracy {test_accuracy:.4f}"
+    )
+    return f"{note} (DVC experiment {dvc_experiment})" if dvc_experiment else note
+
+
+def differing_params(runs) -> list[str]:
+    """The names of the parameters whose values are not the same in every run, by name."""
+    names = sorted({name for run in runs for name in run.data.params})
+    return [name for name in names if len({run.data.params.get(name) for run in runs}) > 1]
+
+
+def training_runs_view(runs) -> dict:
+    """The runs table's state: description, accuracies and the differing parameters, best first."""
+    params = [*ALWAYS_SHOWN_PARAMS]
+    params += [name for name in differing_params(runs) if name not in params]
+    columns = [
+        "attributes.`Description`",
+        "metrics.`test_accuracy`",
+        "metrics.`val_accuracy`",
+        *(f"params.`{name}`" for name in params[:MAX_PARAM_COLUMNS]),
+    ]
+    return {
+        "searchFilter": "",
+        "orderByKey": "metrics.`test_accuracy`",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": columns,
+        # Without an order the UI sorts the chosen columns by name.
+        "columnOrder": columns,
+        "runsHiddenMode": "SHOW_ALL",
+    }
+
+
+def save_view(client, experiment_id: str) -> None:
+    """Save (or update) the `training-runs` view in the experiment, from its current runs."""
+    runs = client.search_runs([experiment_id], max_results=1000)
+    now = int(time.time() * 1000)
+    envelope = {
+        "name": "Training runs, best test accuracy first",
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(training_runs_view(runs)),
+    }
+    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(envelope))
+
+
+def links(base_url: str, experiment_id: str | None, model_name: str) -> dict[str, str]:
+    """Direct links into the UI: the training runs (in the saved view) and the registered model."""
+    found = {}
+    if experiment_id is not None:
+        found["training runs"] = (
+            f"{base_url}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+        )
+    found["registered model"] = f"{base_url}/#/models/{model_name}"
+    return found
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    return False
+
+
+def prepare_store(experiment_name: str) -> str | None:
+    """Save the view and the experiment's description in the store; return the experiment id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    if not experiment.tags.get(NOTE_TAG):
+        client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, EXPERIMENT_NOTE)
+    save_view(client, experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def run_ui(host: str, port: int, experiment_name: str, model_name: str) -> int:
+    """`mlflow ui` on the project's store; print the direct links once it answers."""
+    from mnist_mlops.paths import MLFLOW_DB_NAME, project_root
+    from mnist_mlops.tracking.store import TRACKING_URI_ENV, embedded_store, tracking_uri
+
+    if not embedded_store():
+        # A tracking server has a UI of its own: save the view there, print its links.
+        experiment_id = prepare_store(experiment_name)
+        for name, link in links(
+            os.environ[TRACKING_URI_ENV].rstrip("/"), experiment_id, model_name
+        ).items():
+            print(f"{name}: {link}")
+        return 0
+    database = project_root() / MLFLOW_DB_NAME
+    if not database.exists():
+        print(
+            f"mnist-mlops ui: no MLflow store at {database}: run `make repro` first",
+            file=sys.stderr,
+        )
+        return 1
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = prepare_store(experiment_name)
+    url = f"http://{host}:{port}"
+    signal.signal(signal.SIGTERM, _interrupt)
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{database}"),
+            *("--host", host, "--port", str(port)),
+        ]
+    )
+    try:
+        if _wait_for(url, process):
+            print(f"MLflow UI on {url}", flush=True)
+            for name, link in links(url, experiment_id, model_name).items():
+                print(f"  {name}: {link}", flush=True)
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        return process.wait()

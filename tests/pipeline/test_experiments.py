@@ -1,0 +1,212 @@
+"""Experiments: a queued grid run two at a time, compared in DVC, MLflow and the leaderboard."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from ..conftest import (
+    copy_project,
+    free_port,
+    kill_processes_in,
+    run,
+    serving,
+    subprocess_env,
+    write_mirror,
+)
+
+TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
+GRID = 4
+
+
+def start_queue(project, env, jobs: int) -> None:
+    """`dvc queue start`, which returns once its workers are spawned.
+
+    Each worker is spawned through a forked helper that keeps the caller's
+    stdout and stderr open until the worker exits, so this must not capture
+    them: with pipes, waiting for the command would wait for the whole queue.
+    """
+    with open(project.parent / "queue-start.log", "w") as log:
+        subprocess.run(
+            ["dvc", "queue", "start", "-j", str(jobs)],
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=True,
+        )
+
+
+def queue_report(project, env, status: str) -> str:
+    """The queue's status and the log of every task that did not succeed."""
+    report = [status]
+    for line in status.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 2 and fields[-1] != "Success" and not line.startswith("Worker"):
+            logs = run(["dvc", "queue", "logs", fields[0]], project, env, check=False, timeout=60)
+            report.append(f"--- {fields[1]} ---\n{logs.stdout}{logs.stderr}")
+    return "\n".join(report)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """A fresh clone that ran `dvc exp run --queue` over a 2×2 grid with `dvc queue start -j 2`."""
+    base = tmp_path_factory.mktemp("grid")
+    mirror = base / "mirror"
+    write_mirror(mirror)
+    project = copy_project(base / "clone")
+    env = subprocess_env(MNIST_MIRROR=str(mirror))
+
+    overrides = [f"-S{override}" for override in (*TINY, "train.epochs=1")]
+    grid_overrides = ["-Smodel=mlp,cnn", "-Soptimizer=rmsprop,adam"]
+    run(["dvc", "exp", "run", "--queue", *overrides, *grid_overrides], project, env)
+    start_queue(project, env, jobs=2)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = run(["dvc", "queue", "status"], project, env, timeout=120).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(3)
+        else:
+            pytest.fail(f"the queue did not finish in 900 s:\n{queue_report(project, env, status)}")
+        assert status.count("Success") == GRID, queue_report(project, env, status)
+        yield project, env
+    finally:
+        # Idle workers leave on their own after 10 s; never leave one behind.
+        run(["dvc", "queue", "stop", "--kill"], project, env, check=False, timeout=120)
+        kill_processes_in(project)
+
+
+def test_every_queued_experiment_lands_in_the_one_store(grid):
+    project, _env = grid
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    assert len(runs) == GRID
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    combinations = {
+        (run.data.params["model.name"], run.data.params["optimizer.name"]) for run in runs
+    }
+    assert combinations == {
+        ("mlp", "rmsprop"),
+        ("mlp", "adam"),
+        ("cnn", "rmsprop"),
+        ("cnn", "adam"),
+    }
+    versions = client.search_model_versions("name = 'mnist-classifier'")
+    assert sorted(int(version.version) for version in versions) == list(range(1, GRID + 1))
+    champion = client.get_model_version_by_alias("mnist-classifier", "champion")
+    best = max(float(version.tags["test_accuracy"]) for version in versions)
+    assert float(champion.tags["test_accuracy"]) == best
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert {run.data.tags["dvc.baseline_rev"] for run in runs} == {head}
+    # No run was written to a temporary copy's own store.
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_dvc_experiments_and_mlflow_runs_lead_to_each_other(grid):
+    project, env = grid
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project, env).stdout)
+    experiments = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            revision = experiment["revs"][0]
+            metrics = revision["data"]["metrics"]
+            experiments[experiment["name"]] = {
+                "registry": metrics["reports/registry.json"]["data"],
+                "metrics": metrics["reports/metrics.json"]["data"],
+            }
+    assert len(experiments) == GRID
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    for name, outputs in experiments.items():
+        logged = client.get_run(outputs["registry"]["run_id"])
+        assert logged.data.tags["dvc.exp_name"] == name
+        assert logged.info.run_name == name
+        assert logged.data.metrics["test_accuracy"] == pytest.approx(
+            outputs["metrics"]["test_accuracy"]
+        )
+        version = client.get_model_version("mnist-classifier", str(outputs["registry"]["version"]))
+        assert version.tags["run_id"] == logged.info.run_id
+        assert version.tags["dvc.exp_name"] == name
+    table = run(["dvc", "exp", "show", "--no-pager", "--md"], project, env).stdout
+    assert "test_accuracy" in table and "version" in table
+
+
+def leaderboard(project, env, *arguments):
+    result = run([sys.executable, "-m", "mnist_mlops", "runs", *arguments], project, env)
+    header, *lines = result.stdout.strip().splitlines()
+    return header, lines
+
+
+def test_leaderboard_lists_runs_best_first_and_marks_the_champion(grid):
+    project, env = grid
+    header, lines = leaderboard(project, env)
+    for column in ("run name", "DVC experiment", "model", "optimizer", "epochs", "val acc"):
+        assert column in header
+    assert len(lines) == GRID
+    accuracies = [float(line.split()[6]) for line in lines]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert [line.rstrip().endswith("*") for line in lines].count(True) == 1
+
+    _header, cnn_only = leaderboard(project, env, "--filter", "params.model.name = 'cnn'")
+    assert len(cnn_only) == 2 and all(" cnn " in line for line in cnn_only)
+    _header, top = leaderboard(project, env, "--top", "1")
+    assert [line.split() for line in top] == [lines[0].split()]
+
+
+@pytest.fixture(scope="module")
+def ui_server(grid):
+    """The real MLflow UI server on the grid's store, as the README starts it."""
+    project, env = grid
+    port = free_port()
+    command = [
+        *("mlflow", "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+    ]
+    with serving(command, env, f"http://127.0.0.1:{port}", "/health", project) as url:
+        yield url
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    if body is None:
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}")
+    else:
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def test_mlflow_ui_shows_the_runs_metrics_and_registered_model(ui_server):
+    experiment = rest(ui_server, "experiments/get-by-name?experiment_name=mnist")["experiment"]
+    found = rest(ui_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})
+    assert len(found["runs"]) == GRID
+    first = found["runs"][0]
+    run_id = first["info"]["run_id"]
+    metric_names = {metric["key"] for metric in first["data"]["metrics"]}
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "test_accuracy"} <= metric_names
+    query = urllib.parse.urlencode({"run_id": run_id, "metric_key": "val_accuracy"})
+    history = rest(ui_server, f"metrics/get-history?{query}")
+    assert len(history["metrics"]) == 1
+    model = rest(ui_server, "registered-models/get?name=mnist-classifier")["registered_model"]
+    assert [alias["alias"] for alias in model.get("aliases", [])].count("champion") == 1
+
+
+def test_leaderboard_reads_a_tracking_server_too(grid, ui_server):
+    project, env = grid
+    _header, local = leaderboard(project, env)
+    _header, remote = leaderboard(project, {**env, "MLFLOW_TRACKING_URI": ui_server})
+    assert [line.split() for line in remote] == [line.split() for line in local]

@@ -1,0 +1,280 @@
+"""The front door: real nginx (Debian's; .ci/run installs it) with TLS before `mnist-mlops serve`.
+
+Elsewhere, without nginx, these tests skip with the reason; under CI they fail.
+The tracking server behind the proxy is tested with the team server, in test_team.py.
+"""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from mnist_mlops.serving.client import ClientError, predict
+from mnist_mlops.serving.proxy import (
+    ProxyError,
+    ProxySettings,
+    Upstream,
+    fill,
+    max_body_bytes,
+    render,
+)
+
+from ..conftest import (
+    REPO_ROOT,
+    free_port,
+    proxy_command,
+    run,
+    serving,
+    subprocess_env,
+    tls_context,
+    train_champion,
+)
+
+RATE, BURST = 5, 10
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    """`mnist-mlops serve` on a tiny champion; yields its URL, its log and the test images."""
+    directory = tmp_path_factory.mktemp("proxied")
+    uri, images = train_champion(directory)
+    port, log = free_port(), directory / "server.log"
+    command = [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(port)]
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    with serving(command, env, f"http://127.0.0.1:{port}", "/ping", directory, log) as url:
+        yield url, log, images
+
+
+@pytest.fixture(scope="module")
+def proxy(model_server, certificates):
+    """The proxy before the model server, with a low rate limit; yields its https:// URL."""
+    upstream = model_server[0].removeprefix("http://")
+    port = free_port()
+    command = proxy_command(
+        certificates,
+        *("model", "--model-upstream", upstream, "--model-port", str(port)),
+        *("--rate", str(RATE), "--burst", str(BURST)),
+    )
+    url = f"https://127.0.0.1:{port}"
+    with serving(
+        command, subprocess_env(), url, "/ping", REPO_ROOT, context=tls_context(certificates)
+    ):
+        yield url
+
+
+def post(url: str, body: bytes, certificates) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(
+            request, timeout=30, context=tls_context(certificates)
+        ) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def images_body(images) -> bytes:
+    return json.dumps({"inputs": images.tolist()}).encode()
+
+
+def invocations_logged(log) -> int:
+    return log.read_text().count("POST /invocations")
+
+
+def test_the_champion_answers_through_https(model_server, proxy, certificates):
+    _url, _log, images = model_server
+    status, answer = post(proxy, images_body(images[:3]), certificates)
+    assert status == 200 and len(answer["predictions"]) == 3
+    # The project's client, with the CA; without it the certificate is refused.
+    assert len(predict(list(images[:2]), proxy, ca=certificates / "ca.crt")) == 2
+    with pytest.raises(ClientError, match="CERTIFICATE_VERIFY_FAILED"):
+        predict(list(images[:1]), proxy)
+
+
+def test_plain_http_is_redirected_to_https_and_never_reaches_the_model(model_server, proxy):
+    _url, log, _images = model_server
+    before = invocations_logged(log)
+    host, port = proxy.removeprefix("https://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request(
+        "POST", "/invocations", body=b"{}", headers={"Content-Type": "application/json"}
+    )
+    answer = connection.getresponse()
+    assert answer.status == 308
+    assert answer.getheader("Location") == f"https://{host}:{port}/invocations"
+    connection.close()
+    assert invocations_logged(log) == before
+
+
+def test_a_20_mb_body_gets_a_json_413_before_it_reaches_mlflow(model_server, proxy, certificates):
+    _url, log, _images = model_server
+    before = invocations_logged(log)
+    status, answer = post(proxy, b"[" + b"1, " * (20_000_000 // 3) + b"1]", certificates)
+    assert status == 413
+    assert "serving.max_batch_size" in answer["message"] and "1024 images" in answer["message"]
+    assert invocations_logged(log) == before
+
+
+def test_the_body_limit_leaves_room_for_a_full_batch_of_float_pixels():
+    full_batch = json.dumps({"inputs": [[[254.99999] * 28] * 28] * 1024})
+    assert len(full_batch) < max_body_bytes(1024) < 20_000_000
+
+
+def test_a_burst_over_the_rate_limit_gets_json_429s_and_later_requests_pass(
+    model_server, proxy, certificates
+):
+    body = images_body(model_server[2][:1])
+    statuses, messages = [], set()
+    for _ in range(3 * BURST):
+        status, answer = post(proxy, body, certificates)
+        statuses.append(status)
+        if status == 429:
+            messages.add(answer["message"])
+    assert statuses.count(200) >= BURST and statuses.count(429) >= BURST
+    assert set(statuses) == {200, 429}
+    assert messages == {
+        f"more than {RATE} requests per second from this client "
+        f"(a burst of {BURST} is allowed): retry later"
+    }
+    time.sleep(2 / RATE)
+    assert post(proxy, body, certificates)[0] == 200
+
+
+def test_only_the_scoring_endpoints_are_exposed(proxy, certificates):
+    context = tls_context(certificates)
+    for path in ("/ping", "/health", "/version"):
+        with urllib.request.urlopen(f"{proxy}{path}", timeout=10, context=context) as answer:
+            assert answer.status == 200, path
+    for path in ("/", "/metrics", "/invocations/../docs"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{proxy}{path}", timeout=10, context=context)
+        assert refused.value.code == 404, path
+        assert "only /invocations" in json.loads(refused.value.read())["message"]
+
+
+def refused(arguments: list[str], certificates) -> str:
+    """Run the proxy command, expect exit 1; return its one line of error."""
+    result = run(
+        proxy_command(certificates, *arguments),
+        REPO_ROOT,
+        subprocess_env(),
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("mnist-mlops proxy: ")
+    return line
+
+
+def test_a_missing_or_bad_certificate_or_a_taken_port_fails_with_one_line(certificates, tmp_path):
+    port = str(free_port())
+    missing = refused(
+        ["--model-port", port, "--certificate", str(tmp_path / "none.crt")], certificates
+    )
+    assert "no TLS certificate at" in missing and "make certs" in missing
+    (tmp_path / "bad.crt").write_text("not a certificate\n")
+    bad = refused(["--model-port", port, "--certificate", str(tmp_path / "bad.crt")], certificates)
+    assert "bad.crt" in bad
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = str(taken.getsockname()[1])
+        line = refused(["--model-port", in_use], certificates)
+    assert f"cannot listen on 127.0.0.1:{in_use}" in line and "in use" in line
+
+
+def test_the_configuration_fills_every_placeholder(certificates):
+    settings = ProxySettings(
+        upstreams=(
+            Upstream("model", "model:5000", 8443),
+            Upstream("tracking", "mlflow:5001", 8444),
+        ),
+        certificate=certificates / "server.crt",
+        key=certificates / "server.key",
+        max_batch_size=8,
+    )
+    configuration = render(settings)
+    assert "{{" not in configuration and "}}" not in configuration
+    assert f"client_max_body_size {max_body_bytes(8)};" in configuration
+    assert "server model:5000;" in configuration and "server mlflow:5001;" in configuration
+    with pytest.raises(ProxyError, match="no value for port"):
+        fill("listen {{port}};", {})
+
+
+def test_certs_makes_a_chain_that_verifies_and_keeps_an_existing_set(certificates, tmp_path):
+    verified = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(certificates / "ca.crt"),
+            str(certificates / "server.crt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert (certificates / "server.key").stat().st_mode & 0o077 == 0
+    before = (certificates / "server.crt").read_bytes()
+    command = [sys.executable, "-m", "mnist_mlops", "certs", "--directory", str(certificates)]
+    run(command, REPO_ROOT, subprocess_env())
+    assert (certificates / "server.crt").read_bytes() == before
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "ca.crt").write_text("")
+    result = run([*command[:-1], str(tmp_path / "half")], REPO_ROOT, subprocess_env(), check=False)
+    assert result.returncode == 1 and "incomplete" in result.stderr
+
+
+def test_the_compose_file_puts_nginx_before_the_serving_image():
+    compose = yaml.safe_load((REPO_ROOT / "deploy" / "compose.yaml").read_text())
+    model, proxy = compose["services"]["model"], compose["services"]["proxy"]
+    assert model["build"]["target"] == "serve" and "ports" not in model
+    assert proxy["ports"] == ["127.0.0.1:8443:8443"]
+    assert proxy["depends_on"]["model"]["condition"] == "service_healthy"
+    assert "nginx" in proxy["image"]
+
+
+def test_nginx_stops_when_the_proxy_command_is_killed_outright(certificates):
+    """SIGKILL leaves the command no chance to stop nginx; the kernel stops it instead."""
+    port = free_port()
+    command = proxy_command(certificates, "--model-port", str(port))
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    context = tls_context(certificates)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/ping", timeout=2, context=context)
+                break
+            except urllib.error.HTTPError:
+                break  # nginx answers (the model server behind it is not running)
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                time.sleep(0.2)
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) != 0:
+                    return
+            time.sleep(0.2)
+        pytest.fail(f"nginx still listens on {port} after its command was killed")
+    finally:
+        process.kill()

@@ -1,0 +1,269 @@
+"""Team mode against a real server: PostgreSQL + `mlflow server` + basic-auth, on 127.0.0.1.
+
+PostgreSQL comes from Debian's `postgresql` package, which .ci/run installs.
+Elsewhere these tests skip with the reason when it cannot be started.
+"""
+
+import base64
+import http.client
+import json
+import os
+import secrets
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from ..conftest import (
+    REPO_ROOT,
+    compose_config,
+    copy_project,
+    free_port,
+    proxy_command,
+    run,
+    serving,
+    subprocess_env,
+    tls_context,
+)
+
+TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
+
+
+@pytest.fixture(scope="module")
+def team_server(postgres, tmp_path_factory):
+    """`mnist-mlops tracking-server` on PostgreSQL; yields its URL and the admin password."""
+    admin_uri, postgres_port = postgres
+    artifacts = tmp_path_factory.mktemp("team-artifacts")
+    password = f"team-{secrets.token_hex(10)}"
+    backend = f"postgresql://mlflow:{secrets.token_hex(10)}@127.0.0.1:{postgres_port}/mlflow"
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "mnist_mlops", "tracking-server"),
+        *("--backend-store-uri", backend, "--admin-uri", admin_uri),
+        *("--artifacts-destination", str(artifacts), "--port", str(port)),
+    ]
+    env = subprocess_env(MLFLOW_TRACKING_ADMIN_PASSWORD=password)
+    with serving(command, env, f"http://127.0.0.1:{port}", "/health") as url:
+        yield url, password, artifacts
+
+
+def team_env(team_server, **extra) -> dict:
+    url, password, _artifacts = team_server
+    credentials = {
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": password,
+    }
+    return subprocess_env(**{**credentials, **extra})
+
+
+@pytest.fixture
+def team_client(team_server, monkeypatch):
+    url, password, _artifacts = team_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    return MlflowClient(url)
+
+
+def tiny_clone(directory: Path) -> Path:
+    project = copy_project(directory)
+    (project / "params.yaml").write_text(yaml.safe_dump(compose_config(*TINY, "train.epochs=1")))
+    return project
+
+
+def mnist_runs(client):
+    experiment = client.get_experiment_by_name("mnist")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_the_pipeline_tracks_registers_and_serves_through_the_server(
+    team_server, team_client, http_mirror, tmp_path
+):
+    project = tiny_clone(tmp_path / "clone")
+    env = team_env(team_server, MNIST_MIRROR=http_mirror)
+    run(["dvc", "repro"], project, env)
+
+    (logged,) = mnist_runs(team_client)
+    assert logged.info.status == "FINISHED"
+    assert logged.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert len(team_client.get_metric_history(logged.info.run_id, "loss")) == 1
+    champion = team_client.get_model_version_by_alias("mnist-classifier", "champion")
+    assert champion.tags["run_id"] == logged.info.run_id
+    _url, _password, artifacts = team_server
+    assert any(artifacts.rglob("MLmodel")), "artifacts are stored by the server, not the client"
+    assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()
+
+    board = run([sys.executable, "-m", "mnist_mlops", "runs"], project, env).stdout
+    assert logged.info.run_name in board and board.rstrip().endswith("*")
+
+    port = free_port()
+    command = [
+        *("mlflow", "models", "serve", "-m", "models:/mnist-classifier@champion"),
+        *("--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)),
+    ]
+    body = first_images(project)
+    with serving(command, env, f"http://127.0.0.1:{port}", "/ping") as url:
+        request = urllib.request.Request(
+            f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert len(json.load(response)["predictions"]) == 3
+
+
+def first_images(project: Path) -> bytes:
+    """The first three processed test images of a project, as an `inputs` request body."""
+    import numpy as np
+
+    with np.load(project / "data/processed/test.npz", allow_pickle=False) as arrays:
+        return json.dumps({"inputs": arrays["images"][:3].tolist()}).encode()
+
+
+def test_two_working_copies_log_at_the_same_time(team_server, team_client, http_mirror, tmp_path):
+    before = {item.info.run_id for item in mnist_runs(team_client)}
+    env = team_env(team_server, MNIST_MIRROR=http_mirror)
+    clones = [tiny_clone(tmp_path / name) for name in ("alice", "bob")]
+    processes = [
+        subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=clone,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for clone in clones
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    new = [item for item in mnist_runs(team_client) if item.info.run_id not in before]
+    assert len(new) == 2
+    assert {item.info.status for item in new} == {"FINISHED"}
+    recorded = {
+        json.loads((clone / "models/mlflow_run.json").read_text())["run_id"] for clone in clones
+    }
+    assert recorded == {item.info.run_id for item in new}
+    versions = {
+        version.tags["run_id"]
+        for version in team_client.search_model_versions("name = 'mnist-classifier'")
+    }
+    assert recorded <= versions
+
+
+def basic_auth(user: str, password: str) -> dict:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, basic_auth("admin", "wrong password")], ids=["none", "wrong"]
+)
+def test_requests_without_valid_credentials_are_refused(team_server, headers):
+    url, password, _artifacts = team_server
+    endpoint = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(endpoint, headers=headers), timeout=10)
+    assert refused.value.code == 401
+    allowed = urllib.request.Request(endpoint, headers=basic_auth("admin", password))
+    with urllib.request.urlopen(allowed, timeout=10) as response:
+        assert response.status == 200
+
+
+def test_a_stage_with_wrong_credentials_fails_with_one_line(team_server, tmp_path):
+    url, _password, _artifacts = team_server
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(compose_config()))
+    env = team_env(team_server, MLFLOW_TRACKING_PASSWORD="not the password")
+    result = run([sys.executable, "-m", "mnist_mlops", "train"], tmp_path, env, check=False)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"mnist-mlops train: MLflow at {url} failed")
+
+
+@pytest.mark.parametrize("password", ["", "password1234", "short"])
+def test_the_server_refuses_a_missing_or_weak_admin_password(password, tmp_path):
+    env = subprocess_env(MLFLOW_TRACKING_ADMIN_PASSWORD=password)
+    command = [
+        *(sys.executable, "-m", "mnist_mlops", "tracking-server"),
+        *("--backend-store-uri", "postgresql://mlflow:secret@127.0.0.1:9/mlflow"),
+    ]
+    result = run(command, tmp_path, env, check=False)
+    assert result.returncode == 2
+    assert "MLFLOW_TRACKING_ADMIN_PASSWORD" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def team_proxy(team_server, certificates):
+    """`mnist-mlops proxy tracking` before the team server; yields its https:// URL."""
+    url, _password, _artifacts = team_server
+    port = free_port()
+    command = proxy_command(
+        certificates,
+        *("tracking", "--tracking-upstream", url.removeprefix("http://")),
+        *("--tracking-port", str(port)),
+    )
+    proxied = f"https://127.0.0.1:{port}"
+    context = tls_context(certificates)
+    with serving(command, subprocess_env(), proxied, "/health", REPO_ROOT, context=context):
+        yield proxied
+
+
+def test_the_pipeline_reaches_the_server_through_the_https_proxy(
+    team_server, team_proxy, team_client, certificates, http_mirror, tmp_path, monkeypatch
+):
+    project = tiny_clone(tmp_path / "clone")
+    env = team_env(
+        team_server,
+        MLFLOW_TRACKING_URI=team_proxy,
+        MLFLOW_TRACKING_SERVER_CERT_PATH=str(certificates / "ca.crt"),
+        MNIST_MIRROR=http_mirror,
+    )
+    run(["dvc", "repro"], project, env)
+
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    logged = team_client.get_run(run_id)
+    assert logged.info.status == "FINISHED" and "test_accuracy" in logged.data.metrics
+    assert len(team_client.get_metric_history(run_id, "loss")) == 1
+    # The artifact went up through the proxy and comes back down through it.
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(certificates / "ca.crt"))
+    through_proxy = MlflowClient(team_proxy)
+    image = through_proxy.download_artifacts(run_id, "confusion_matrix.png", str(tmp_path))
+    assert Path(image).read_bytes().startswith(b"\x89PNG")
+    # Uploads have their own, larger limit: twice the model server's passes both ways.
+    large = tmp_path / "upload" / "large.bin"
+    large.parent.mkdir()
+    large.write_bytes(os.urandom(20_000_000))
+    through_proxy.log_artifact(run_id, str(large))
+    back = through_proxy.download_artifacts(run_id, "large.bin", str(tmp_path / "download"))
+    assert Path(back).read_bytes() == large.read_bytes()
+    (version,) = team_client.search_model_versions(f"run_id = '{run_id}'")
+    assert version.name == "mnist-classifier"
+    board = run([sys.executable, "-m", "mnist_mlops", "runs"], project, env).stdout
+    assert logged.info.run_name in board
+
+
+def test_the_proxy_keeps_basic_auth_and_plain_http_never_reaches_mlflow(
+    team_server, team_proxy, certificates
+):
+    _url, password, _artifacts = team_server
+    endpoint = f"{team_proxy}/api/2.0/mlflow/experiments/search?max_results=1"
+    context = tls_context(certificates)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        wrong = urllib.request.Request(endpoint, headers=basic_auth("admin", "wrong password"))
+        urllib.request.urlopen(wrong, timeout=10, context=context)
+    assert refused.value.code == 401
+    right = urllib.request.Request(endpoint, headers=basic_auth("admin", password))
+    with urllib.request.urlopen(right, timeout=10, context=context) as response:
+        assert "experiments" in json.load(response)
+
+    host, port = team_proxy.removeprefix("https://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("GET", endpoint.split(port, 1)[1], headers=basic_auth("admin", password))
+    answer = connection.getresponse()
+    assert answer.status == 308
+    assert answer.getheader("Location").startswith(f"https://{host}:{port}/api/2.0/")
+    assert b"experiments" not in answer.read()
+    connection.close()
