@@ -153,6 +153,7 @@ def test_the_command_line_is_assembled_from_the_wings():
     assert wings["runs"] == wings["ui"] == "mnist_mlops.tracking.commands"
     assert wings["serve"] == wings["predict"] == "mnist_mlops.serving.commands"
     assert wings["tune"] == "mnist_mlops.tuning.commands"
+    assert wings["feedback"] == "mnist_mlops.monitoring.commands"
     assert wings["tracking-server"] == "mnist_mlops.team.commands"
     main_source = (PACKAGE / "__main__.py").read_text()
     assert "add_argument" not in main_source

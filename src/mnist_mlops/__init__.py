@@ -9,6 +9,8 @@ The package is a house in wings, one subpackage per concern, on shared ground:
                 architectures' and optimizers' options)
     tracking/   the MLflow store, runs, the registry and its gate, the
                 leaderboard, the UI
+    monitoring/ watching the served model: image features, the inference
+                log, feedback, drift
     serving/    the model server, its client, its health check, the HTTPS
                 front door          team/  the tracking server on PostgreSQL
     pipeline/   the four DVC stages: fetch, preprocess, train, evaluate
@@ -27,6 +29,7 @@ LAYERS = (
     ("model",),
     ("config",),
     ("tracking",),
+    ("monitoring",),
     ("serving", "team"),
     ("pipeline",),
     ("tuning",),

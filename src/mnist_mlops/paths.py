@@ -30,6 +30,9 @@ PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
 MISTAKES_FILE = REPORTS_DIR / "mistakes.png"
 REGISTRY_FILE = REPORTS_DIR / "registry.json"
 
+# The model server's inference log: images, answers and true digits.
+INFERENCE_LOG_DIR_ENV = "MNIST_INFERENCE_LOG_DIR"
+
 MLFLOW_DB_NAME = "mlflow.db"
 MLFLOW_ARTIFACTS_NAME = "mlartifacts"
 # The embedded Optuna storage of `mnist-mlops tune`, beside the MLflow store.
@@ -49,3 +52,8 @@ def project_root() -> Path:
     deleted afterwards. Outside DVC the working directory is the project root.
     """
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def inference_log_dir() -> Path:
+    """Where `serve` logs and `feedback` records: MNIST_INFERENCE_LOG_DIR, else logs/inference."""
+    return Path(os.environ.get(INFERENCE_LOG_DIR_ENV) or "logs/inference")

@@ -149,6 +149,36 @@ def test_a_burst_over_the_rate_limit_gets_json_429s_and_later_requests_pass(
     assert post(proxy, body, certificates)[0] == 200
 
 
+def test_feedback_passes_with_its_own_body_limit(proxy, model_server, certificates):
+    _url, _log, images = model_server
+    context = tls_context(certificates)
+
+    def send(path: str, body: bytes) -> tuple[int, dict, str]:
+        request = urllib.request.Request(
+            f"{proxy}{path}", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as answer:
+                return answer.status, json.load(answer), answer.headers["X-Request-ID"]
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read()), ""
+
+    time.sleep(2 / RATE)
+    status, answer, request_id = send(
+        "/invocations", json.dumps({"inputs": images[:1].tolist()}).encode()
+    )
+    assert status == 200 and request_id
+    feedback = json.dumps({"request_id": request_id, "digits": [answer["predictions"][0]["digit"]]})
+    deadline = time.monotonic() + 10
+    while (
+        status := send("/feedback", feedback.encode())[0]
+    ) == 404 and time.monotonic() < deadline:
+        time.sleep(0.3)  # the log is written once a second
+    assert status == 200
+    status, answer, _ = send("/feedback", b"{" + b" " * 70_000 + b"}")
+    assert status == 413 and answer["message"] == "feedback is limited to 65536 bytes"
+
+
 def test_only_the_scoring_endpoints_are_exposed(proxy, certificates):
     context = tls_context(certificates)
     for path in ("/ping", "/health", "/version"):

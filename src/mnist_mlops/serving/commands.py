@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from mnist_mlops.paths import PARAMS_FILE
+from mnist_mlops.paths import PARAMS_FILE, inference_log_dir
 
 CHAMPION_URI = "models:/mnist-classifier@champion"
 
@@ -29,6 +29,33 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=int(os.environ.get("MNIST_SERVE_PORT", "5000")),
         help="port (%(default)s; MNIST_SERVE_PORT sets the default)",
+    )
+    serving.add_argument(
+        "--no-metrics", action="store_true", help="serve no Prometheus metrics at /metrics"
+    )
+    serving.add_argument(
+        "--log-dir",
+        type=Path,
+        default=inference_log_dir(),
+        help="the inference log's folder, shared by replicas (%(default)s; "
+        "MNIST_INFERENCE_LOG_DIR sets the default)",
+    )
+    serving.add_argument(
+        "--no-log", action="store_true", help="keep no inference log (and take no feedback)"
+    )
+    serving.add_argument(
+        "--log-sample-rate", type=float, default=1.0, help="the share of requests logged"
+    )
+    serving.add_argument(
+        "--no-log-pixels",
+        action="store_true",
+        help="log each image's features but not its pixels (they may be personal data)",
+    )
+    serving.add_argument(
+        "--log-retention-hours",
+        type=float,
+        default=24 * 7,
+        help="log files older than this are removed",
     )
     serving.set_defaults(run=serve)
 
@@ -64,6 +91,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     proxy.add_argument("--rate", type=int, default=50, help="requests per second per client")
     proxy.add_argument("--burst", type=int, default=100, help="requests over the rate")
     proxy.add_argument(
+        "--feedback-rate", type=int, default=10, help="feedback requests per second per client"
+    )
+    proxy.add_argument(
         "--tracking-max-body", default="5g", help="the tracking server's upload limit"
     )
     proxy.add_argument("--print-config", action="store_true", help="print nginx.conf and exit")
@@ -80,9 +110,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def serve(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.monitoring.inference_log import LogSettings
+    from mnist_mlops.serving.server import Observation
     from mnist_mlops.serving.server import serve as run_server
 
-    return run_server(arguments.model_uri, arguments.host, arguments.port)
+    try:
+        log = None
+        if not arguments.no_log:
+            log = LogSettings(
+                directory=arguments.log_dir,
+                sample_rate=arguments.log_sample_rate,
+                pixels=not arguments.no_log_pixels,
+                retention_hours=arguments.log_retention_hours,
+            )
+    except ValueError as error:
+        print(f"mnist-mlops serve: {error}", file=sys.stderr)
+        return 2
+    observation = Observation(metrics=not arguments.no_metrics, log=log)
+    return run_server(arguments.model_uri, arguments.host, arguments.port, observation)
 
 
 def predict(arguments: argparse.Namespace) -> int:
@@ -138,6 +183,7 @@ def proxy_command(arguments: argparse.Namespace) -> int:
         max_batch_size=max_batch_size,
         rate=arguments.rate,
         burst=arguments.burst,
+        feedback_rate=arguments.feedback_rate,
         tracking_max_body=arguments.tracking_max_body,
     )
     try:

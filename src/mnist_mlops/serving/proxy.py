@@ -7,10 +7,12 @@ it. The proxy renders deploy/nginx.conf with the project's settings into a
 private folder and runs Debian's nginx in the foreground:
 
 - HTTPS only (plain HTTP on the same port is redirected, never passed on);
-- model server: only /invocations, /ping, /health and /version; bodies over
+- model server: only /invocations, /feedback, /ping, /health and /version
+  (never /metrics: Prometheus scrapes the server's own port); bodies over
   the room for `serving.max_batch_size` images get a JSON 413 before they
   are read; more than `--rate` requests per second from one client (after a
-  burst of `--burst`) get a JSON 429; keep-alive connections upstream;
+  burst of `--burst`) get a JSON 429; `/feedback` has its own smaller body
+  limit and rate (`--feedback-rate`); keep-alive connections upstream;
 - tracking server: everything passes through, streamed, with its own larger
   body limit for artifact uploads.
 
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEPLOY_DIR = Path("deploy")
+# The model server's own limit for a feedback body (serving/observed.py).
+MAX_FEEDBACK_BYTES = 64 * 1024
 CERTS_DIR = DEPLOY_DIR / "certs"
 PIXELS_PER_IMAGE = 28 * 28
 # A pixel value written in JSON as e.g. "254.99998, ": generous for integers
@@ -61,6 +65,7 @@ class ProxySettings:
     max_batch_size: int = 1024
     rate: int = 50
     burst: int = 100
+    feedback_rate: int = 10
     tracking_max_body: str = "5g"
 
 
@@ -85,6 +90,8 @@ def render(settings: ProxySettings, deploy_dir: Path = DEPLOY_DIR) -> str:
         "host": settings.host,
         "rate": settings.rate,
         "burst": settings.burst,
+        "feedback_rate": settings.feedback_rate,
+        "feedback_max_body": MAX_FEEDBACK_BYTES,
         "max_batch_size": settings.max_batch_size,
         "max_body_bytes": max_body_bytes(settings.max_batch_size),
         "tracking_max_body": settings.tracking_max_body,

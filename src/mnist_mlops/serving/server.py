@@ -9,24 +9,40 @@ ONNX champion answers 2–3 s after start in one process of ~210 MiB.
 
 It imports neither TensorFlow nor the pipeline's config libraries: it runs in
 an environment that holds only the served model's requirements.
+
+Around the scoring app (`observed.py`): Prometheus metrics at `/metrics`, a
+request id on every answer, the inference log and `POST /feedback`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from mnist_mlops.monitoring.inference_log import LogSettings
 from mnist_mlops.paths import MLFLOW_DB_NAME, project_root
 from mnist_mlops.tracking.store import TRACKING_URI_ENV, embedded_store, tracking_uri
+
+REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 class ServeError(Exception):
     """The model cannot be served (not found, or its store cannot be read)."""
 
 
-def load_app(model_uri: str):
-    """MLflow's scoring-server app around the model at `model_uri`."""
+@dataclass(frozen=True)
+class Observation:
+    """What the server records besides answering: metrics, and the inference log (None: off)."""
+
+    metrics: bool = True
+    log: LogSettings | None = None
+
+
+def load_app(model_uri: str, observation: Observation = Observation()):
+    """MLflow's scoring-server app around the model at `model_uri`, observed as asked."""
     database = project_root() / MLFLOW_DB_NAME
     from_the_store = model_uri.startswith(("models:/", "runs:/"))
     if from_the_store and embedded_store():
@@ -42,13 +58,43 @@ def load_app(model_uri: str):
     from mlflow.pyfunc import scoring_server
 
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        name, version, runtime = _registered_version(model_uri)
+        # An alias is resolved once, so the version served is the version reported.
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}" if version else model_uri)
     except MlflowException as error:
         reason = error.message.strip().splitlines()[0]
         raise ServeError(
             f"cannot load {model_uri} from {os.environ[TRACKING_URI_ENV]}: {reason}"
         ) from None
-    return scoring_server.init(model)
+    app = scoring_server.init(model)
+    if not observation.metrics and observation.log is None:
+        return app
+    from mnist_mlops.serving.metrics import ServedModel
+    from mnist_mlops.serving.observed import observe
+
+    served = ServedModel(
+        uri=model_uri,
+        name=name,
+        version=version,
+        run_id=model.metadata.run_id or "",
+        runtime=runtime or ("onnx" if "onnxruntime" in sys.modules else "keras"),
+    )
+    return observe(app, model, served, observation.metrics, observation.log)
+
+
+def _registered_version(model_uri: str) -> tuple[str, str, str]:
+    """The registered name, version and serving runtime behind a models:/ URI; empty otherwise."""
+    match = REGISTERED.match(model_uri)
+    if not match:
+        return "", "", ""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if match["alias"]:
+        version = client.get_model_version_by_alias(match["name"], match["alias"])
+    else:
+        version = client.get_model_version(match["name"], match["version"])
+    return match["name"], str(version.version), version.tags.get("serving.runtime", "")
 
 
 def check_writable(database: Path) -> None:
@@ -92,6 +138,7 @@ def import_server_modules() -> None:
         "mlflow.store.db.utils",
         "onnxruntime",
         "pandas",
+        "prometheus_client",
         "uvicorn.main",
         "uvicorn.lifespan.on",
         "uvicorn.loops.asyncio",
@@ -101,12 +148,12 @@ def import_server_modules() -> None:
         importlib.import_module(name)
 
 
-def serve(model_uri: str, host: str, port: int) -> int:
+def serve(model_uri: str, host: str, port: int, observation: Observation = Observation()) -> int:
     """Serve `model_uri` on host:port until SIGINT or SIGTERM; return the exit status."""
     import uvicorn
 
     try:
-        app = load_app(model_uri)
+        app = load_app(model_uri, observation)
     except ServeError as error:
         print(f"mnist-mlops serve: {error}", file=sys.stderr)
         return 1
@@ -115,4 +162,9 @@ def serve(model_uri: str, host: str, port: int) -> int:
     # down, then ends the process by that same signal.
     # A port it cannot bind ends it with one logged error and exit status 3.
     uvicorn.run(app, host=host, port=port, log_level="info")
+    # Reached when the server could not start, or stopped without a signal;
+    # after SIGINT or SIGTERM the app's shutdown has closed the log already.
+    close = getattr(app, "close", None)
+    if close:
+        close()
     return 0

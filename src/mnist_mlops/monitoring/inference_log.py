@@ -1,0 +1,273 @@
+"""The inference log: what the served model was asked, what it answered, and the true digits later.
+
+One folder holds it, shared by every server process that writes into it.
+Each process is a writer with an id of its own (host, pid, start time), and
+every file it writes appears complete under its final name or not at all
+(written under a temporary name, then renamed):
+
+- `rows-WRITER-SEQ.npz`: the images scored in one flush interval (≤ 1 s by
+  default): request id, position in the request, time, predicted digit, the
+  ten probabilities, the image's features and, unless turned off, its raw
+  28×28 uint8 pixels; the served model's name and version once per file;
+- `feedback-WRITER-SEQ.npz`: true digits, by request id and position;
+- `rows-WRITER-FIRST-LAST.npz` (and `feedback-…`): a writer's parts merged
+  into one segment once they reach `segment_bytes` or `segment_seconds`.
+
+A reader takes a merged segment instead of the parts it covers, so a writer
+killed between writing a segment and removing its parts duplicates nothing.
+Files older than `retention_hours` are removed by whichever writer looks.
+The request path only enqueues (`submit_rows`, `submit_feedback`); a
+thread writes. A full queue or a disk that refuses drops rows and counts
+them, and the request still succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnist_mlops.atomic import atomic_path
+from mnist_mlops.monitoring.features import image_features
+from mnist_mlops.monitoring.log_files import (
+    FEEDBACK,
+    ROWS,
+    all_log_files,
+    concatenate,
+    load,
+    remove_expired,
+)
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+IMAGE_SHAPE = (28, 28)
+WARNING_INTERVAL_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Where the log goes and how much of the traffic it keeps."""
+
+    directory: Path
+    sample_rate: float = 1.0
+    pixels: bool = True
+    flush_seconds: float = 1.0
+    queue_requests: int = 10_000
+    segment_bytes: int = 32 * 1024 * 1024
+    segment_seconds: float = 3600.0
+    retention_hours: float = 24 * 7
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sample_rate <= 1:
+            raise ValueError(f"the sample rate must be in 0–1, got {self.sample_rate}")
+        for name in ("flush_seconds", "queue_requests", "segment_bytes", "segment_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.retention_hours <= 0:
+            raise ValueError(f"retention_hours must be positive, got {self.retention_hours}")
+
+
+def writer_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}.{os.getpid()}.{time.time_ns() // 1_000_000}"
+
+
+class InferenceLog:
+    """A writer thread behind a bounded queue; `close()` writes what is still queued."""
+
+    def __init__(
+        self,
+        settings: LogSettings,
+        model_name: str,
+        model_version: str,
+        on_written: Callable[[int], None] = lambda rows: None,
+        on_dropped: Callable[[int], None] = lambda rows: None,
+    ) -> None:
+        self.settings = settings
+        self.model_name, self.model_version = model_name, model_version
+        self.on_written, self.on_dropped = on_written, on_dropped
+        self.writer = writer_id()
+        self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_requests)
+        self._sequence = {ROWS: 0, FEEDBACK: 0}
+        self._last_warning = 0.0
+        self._last_housekeeping = 0.0
+        self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
+        self._thread.start()
+
+    # The request path: enqueue and return.
+
+    def submit_rows(self, request_id: str, images: np.ndarray, answers: list[dict]) -> bool:
+        """Queue one request's images and the model's answers (digit and probabilities each).
+
+        False when the request was sampled out or its rows dropped.
+        """
+        if self.settings.sample_rate < 1 and random.random() >= self.settings.sample_rate:
+            return False
+        return self._put((ROWS, request_id, time.time(), images, answers), len(images))
+
+    def submit_feedback(self, request_id: str, digits: list[int]) -> bool:
+        return self._put((FEEDBACK, request_id, time.time(), digits), 0)
+
+    def _put(self, item: tuple, rows: int) -> bool:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._dropped(rows, "the inference log's queue is full")
+            return False
+        return True
+
+    def close(self, timeout: float = 30) -> None:
+        """Write everything queued, then stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    # The writer thread.
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            deadline = time.monotonic() + self.settings.flush_seconds
+            batch = []
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=max(remaining, 0.001))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+                if remaining <= 0:
+                    break
+            self._write(batch)
+            if time.monotonic() - self._last_housekeeping >= min(
+                60, self.settings.flush_seconds * 10
+            ):
+                self._housekeeping()
+
+    def _write(self, batch: list[tuple]) -> None:
+        rows = [item for item in batch if item[0] == ROWS]
+        feedback = [item for item in batch if item[0] == FEEDBACK]
+        count = sum(len(item[3]) for item in rows)
+        if rows:
+            try:
+                self._save(ROWS, self._rows_arrays(rows))
+                self.on_written(count)
+            except (OSError, ValueError) as error:
+                self._dropped(count, f"cannot write the inference log: {error}")
+        if feedback:
+            try:
+                self._save(FEEDBACK, _feedback_arrays(feedback))
+            except (OSError, ValueError) as error:
+                self._dropped(0, f"cannot write feedback to the inference log: {error}")
+
+    def _rows_arrays(self, rows: list[tuple]) -> dict[str, np.ndarray]:
+        images = np.concatenate([np.asarray(item[3], dtype=np.float32) for item in rows])
+        pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        arrays = {
+            "request_id": np.array([item[1] for item in rows for _ in range(len(item[3]))]),
+            "position": np.concatenate([np.arange(len(item[3]), dtype=np.int16) for item in rows]),
+            "time": np.concatenate([np.full(len(item[3]), item[2]) for item in rows]),
+            "probabilities": np.array(
+                [answer["probabilities"] for item in rows for answer in item[4]], dtype=np.float32
+            ),
+            "features": image_features(pixels),
+            "model_name": np.array(self.model_name),
+            "model_version": np.array(self.model_version),
+        }
+        arrays["digit"] = arrays["probabilities"].argmax(axis=1).astype(np.int8)
+        if self.settings.pixels:
+            arrays["pixels"] = pixels
+        return arrays
+
+    def _save(self, kind: str, arrays: dict[str, np.ndarray]) -> None:
+        self._sequence[kind] += 1
+        name = f"{kind}-{self.writer}-{self._sequence[kind]:08d}.npz"
+        directory = self.settings.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / name) as temporary, open(temporary, "wb") as stream:
+            np.savez(stream, **arrays)
+
+    def _dropped(self, rows: int, reason: str) -> None:
+        self.on_dropped(rows)
+        now = time.monotonic()
+        if now - self._last_warning >= WARNING_INTERVAL_SECONDS:
+            self._last_warning = now
+            print(f"mnist-mlops serve: warning: {reason}; rows are dropped", file=sys.stderr)
+
+    def _housekeeping(self) -> None:
+        self._last_housekeeping = time.monotonic()
+        try:
+            for kind in (ROWS, FEEDBACK):
+                merge_parts(
+                    self.settings.directory,
+                    self.writer,
+                    kind,
+                    self.settings.segment_bytes,
+                    self.settings.segment_seconds,
+                )
+            remove_expired(self.settings.directory, self.settings.retention_hours)
+        except OSError as error:
+            self._dropped(0, f"cannot tidy the inference log: {error}")
+
+
+def merge_parts(
+    directory: Path, writer: str, kind: str, segment_bytes: int, seconds: float
+) -> None:
+    """Merge a writer's parts into one segment once they are big or old enough.
+
+    The segment is written before its parts are removed; a reader takes it
+    instead of any part it covers, so a crash in between duplicates nothing.
+    """
+    parts = sorted(
+        (int(match.group(3)), path)
+        for path, match in all_log_files(directory)
+        if match.group(1) == kind and match.group(2) == writer and not match.group(4)
+    )
+    if len(parts) < 2:
+        return
+    size = sum(path.stat().st_size for _, path in parts)
+    age = time.time() - parts[0][1].stat().st_mtime
+    if size < segment_bytes and age < seconds:
+        return
+    merged = concatenate([load(path) for _, path in parts])
+    name = f"{kind}-{writer}-{parts[0][0]:08d}-{parts[-1][0]:08d}.npz"
+    with atomic_path(directory / name) as temporary, open(temporary, "wb") as stream:
+        np.savez(stream, **merged)
+    for _, path in parts:
+        path.unlink(missing_ok=True)
+
+
+def save_feedback(directory: Path, rows: list[tuple[str, int, int]]) -> Path:
+    """Write (request id, position, digit) rows as one feedback file of a writer of its own."""
+    arrays = {
+        "request_id": np.array([request_id for request_id, _, _ in rows]),
+        "position": np.array([position for _, position, _ in rows], dtype=np.int16),
+        "time": np.full(len(rows), time.time()),
+        "digit": np.array([digit for _, _, digit in rows], dtype=np.int8),
+    }
+    target = directory / f"{FEEDBACK}-{writer_id()}-{1:08d}.npz"
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as temporary, open(temporary, "wb") as stream:
+        np.savez(stream, **arrays)
+    return target
+
+
+def _feedback_arrays(feedback: list[tuple]) -> dict[str, np.ndarray]:
+    return {
+        "request_id": np.array([item[1] for item in feedback for _ in item[3]]),
+        "position": np.concatenate([np.arange(len(item[3]), dtype=np.int16) for item in feedback]),
+        "time": np.concatenate([np.full(len(item[3]), item[2]) for item in feedback]),
+        "digit": np.concatenate([np.asarray(item[3], dtype=np.int8) for item in feedback]),
+    }

@@ -1,0 +1,111 @@
+"""The model server's Prometheus metrics, served at `/metrics` on its own port.
+
+One registry per server process: requests by path and status, their
+latency, the digits predicted, the top probability of each answer, the
+inference log's rows written and dropped, and which model is served.
+Prometheus scrapes each replica; its own functions add them up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Paths the server answers; any other path is counted as "other", so a
+# scanner sending random URLs cannot grow the number of series.
+KNOWN_PATHS = ("/invocations", "/ping", "/health", "/version", "/feedback", "/metrics")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PROBABILITY_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What is served: the registered name and version (empty for a model that is not), its run."""
+
+    uri: str
+    name: str
+    version: str
+    run_id: str
+    runtime: str
+
+
+class ServerMetrics:
+    def __init__(self, model: ServedModel) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Histogram,
+            Info,
+            PlatformCollector,
+            ProcessCollector,
+        )
+
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        prefix = "mnist_serving"
+        self.requests = Counter(
+            f"{prefix}_requests",
+            "HTTP requests answered, by path and status",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            f"{prefix}_request_duration_seconds",
+            "Time from a request's arrival to the end of its answer",
+            ["path"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            f"{prefix}_predictions",
+            "Images classified, by predicted digit",
+            ["digit"],
+            registry=self.registry,
+        )
+        self.top_probability = Histogram(
+            f"{prefix}_top_probability",
+            "The predicted digit's probability, one observation per image",
+            buckets=PROBABILITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.log_written = Counter(
+            f"{prefix}_inference_log_rows_written",
+            "Rows the inference log wrote to disk",
+            registry=self.registry,
+        )
+        self.log_dropped = Counter(
+            f"{prefix}_inference_log_rows_dropped",
+            "Rows the inference log dropped (queue full or disk refusing)",
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            f"{prefix}_feedback",
+            "Feedback requests, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        Info(f"{prefix}_model", "The model this server serves", registry=self.registry).info(
+            {
+                "name": model.name,
+                "version": model.version,
+                "run_id": model.run_id,
+                "runtime": model.runtime,
+                "uri": model.uri,
+            }
+        )
+        self._digits = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        label = path if path in KNOWN_PATHS else "other"
+        self.requests.labels(path=label, status=str(status)).inc()
+        self.latency.labels(path=label).observe(seconds)
+
+    def answered(self, predictions: list[dict]) -> None:
+        for prediction in predictions:
+            self._digits[prediction["digit"]].inc()
+            self.top_probability.observe(max(prediction["probabilities"]))
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

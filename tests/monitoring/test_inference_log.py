@@ -1,0 +1,133 @@
+"""The inference log's files, written by the real writer thread into a temporary folder."""
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from mnist_mlops.monitoring.features import FEATURES, image_features
+from mnist_mlops.monitoring.inference_log import (
+    InferenceLog,
+    LogSettings,
+    merge_parts,
+    save_feedback,
+)
+from mnist_mlops.monitoring.log_files import (
+    all_log_files,
+    log_files,
+    read_feedback,
+    read_rows,
+    remove_expired,
+)
+
+
+def answers_for(images: np.ndarray) -> list[dict]:
+    """Answers shaped like the classifier's: a digit and ten probabilities per image."""
+    rows = []
+    for index in range(len(images)):
+        probabilities = np.full(10, 0.01)
+        probabilities[index % 10] = 0.91
+        rows.append({"digit": index % 10, "probabilities": probabilities.tolist()})
+    return rows
+
+
+def images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 28, 28)).astype(np.float32)
+
+
+def test_a_bar_has_the_features_a_person_would_measure():
+    bar = np.zeros((1, 28, 28), dtype=np.uint8)
+    bar[0, 4:24, 10:13] = 255  # 20 rows tall, 3 columns wide
+    features = dict(zip(FEATURES, image_features(bar)[0].tolist(), strict=True))
+    assert features["ink_fraction"] == pytest.approx(60 / 784)
+    assert features["mean_intensity"] == pytest.approx(60 / 784)
+    assert (features["width"], features["height"]) == (3, 20)
+    assert features["centroid_x"] == pytest.approx(11) and features["centroid_y"] == pytest.approx(
+        13.5
+    )
+    assert 2.5 < features["stroke_thickness"] < 3.5
+    blank = image_features(np.zeros((1, 28, 28)))[0]
+    assert blank.tolist() == [0, 0, 13.5, 13.5, 0, 0, 0]
+
+
+def test_rows_are_written_once_merged_and_read_back_exactly(tmp_path):
+    settings = LogSettings(tmp_path, flush_seconds=0.05, segment_bytes=1, segment_seconds=3600)
+    written = []
+    log = InferenceLog(settings, "mnist-classifier", "3", on_written=written.append)
+    sent = {f"request-{number}": images(number % 3 + 1, seed=number) for number in range(12)}
+    for request_id, batch in sent.items():
+        assert log.submit_rows(request_id, batch, answers_for(batch))
+        time.sleep(0.08)
+    log.close()
+    rows = read_rows(tmp_path)
+    assert sum(written) == len(rows["request_id"]) == sum(len(batch) for batch in sent.values())
+    for request_id, batch in sent.items():
+        mine = rows["request_id"] == request_id
+        assert rows["position"][mine].tolist() == list(range(len(batch)))
+        assert np.array_equal(rows["pixels"][mine], batch.astype(np.uint8))
+        assert np.allclose(rows["features"][mine], image_features(batch.astype(np.uint8)))
+        assert rows["digit"][mine].tolist() == [index % 10 for index in range(len(batch))]
+    assert set(rows["model_version"].tolist()) == {"3"}
+    # Housekeeping merged the parts into a segment (segment_bytes=1 asks for it).
+    assert any("-" in path.stem.split("-", 2)[2] for path in log_files(tmp_path, "rows"))
+
+
+def test_a_segment_stands_for_the_parts_it_covers_after_a_crash(tmp_path):
+    settings = LogSettings(tmp_path, flush_seconds=0.05, segment_bytes=10**9)
+    log = InferenceLog(settings, "m", "1")
+    for number in range(3):
+        batch = images(2, seed=number)
+        log.submit_rows(f"r{number}", batch, answers_for(batch))
+        time.sleep(0.15)
+    log.close()
+    parts = log_files(tmp_path, "rows")
+    assert len(parts) >= 2
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for part in parts:
+        shutil.copy(part, kept / part.name)
+    # Merge as housekeeping does, then put the parts back, as a writer killed
+    # between writing the segment and removing its parts would leave them.
+    merge_parts(tmp_path, log.writer, "rows", segment_bytes=1, seconds=3600)
+    assert len(log_files(tmp_path, "rows")) == 1
+    for part in kept.iterdir():
+        shutil.copy(part, tmp_path / part.name)
+    shutil.rmtree(kept)
+    rows = read_rows(tmp_path)
+    assert sorted(rows["request_id"].tolist()) == ["r0", "r0", "r1", "r1", "r2", "r2"]
+
+
+def test_feedback_keeps_the_first_digit_of_each_image(tmp_path):
+    save_feedback(tmp_path, [("a", 0, 3), ("a", 1, 7)])
+    time.sleep(0.01)
+    save_feedback(tmp_path, [("a", 0, 5), ("b", 0, 1)])
+    assert read_feedback(tmp_path) == {("a", 0): 3, ("a", 1): 7, ("b", 0): 1}
+
+
+def test_sampling_pixels_off_and_retention(tmp_path):
+    settings = LogSettings(tmp_path, sample_rate=0.0, flush_seconds=0.05)
+    log = InferenceLog(settings, "m", "1")
+    assert not log.submit_rows("never", images(1), answers_for(images(1)))
+    log.close()
+    assert read_rows(tmp_path) == {}
+
+    log = InferenceLog(LogSettings(tmp_path, pixels=False, flush_seconds=0.05), "m", "1")
+    log.submit_rows("kept", images(2), answers_for(images(2)))
+    log.close()
+    rows = read_rows(tmp_path)
+    assert "pixels" not in rows and rows["features"].shape == (2, len(FEATURES))
+
+    old = time.time() - 3 * 3600
+    for path, _match in all_log_files(tmp_path):
+        os.utime(path, (old, old))
+    assert remove_expired(tmp_path, retention_hours=2) == 1
+    assert read_rows(tmp_path) == {}
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="sample rate"):
+        LogSettings(".", sample_rate=1.5)
+    with pytest.raises(ValueError, match="retention_hours"):
+        LogSettings(".", retention_hours=0)

@@ -1,0 +1,333 @@
+"""The served model observed: /metrics, request ids, the inference log and feedback, over real HTTP.
+
+Every server here is `mnist-mlops serve` on a champion trained by the real
+stages on tiny data, on 127.0.0.1.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from mnist_mlops.monitoring.features import image_features
+from mnist_mlops.monitoring.log_files import log_files, read_feedback, read_rows
+
+from ..conftest import free_port, run, serving, subprocess_env, train_champion
+
+MAX_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("observed")
+    uri, images = train_champion(directory, f"serving.max_batch_size={MAX_BATCH}")
+    return directory, uri, images
+
+
+def serve_command(port: int, log_dir: Path, *options: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "mnist_mlops", "serve", "--port", str(port)),
+        *("--log-dir", str(log_dir), *options),
+    ]
+
+
+@pytest.fixture(scope="module")
+def replicas(store, tmp_path_factory):
+    """Two servers of the champion writing into one inference log; yields their URLs and the log."""
+    directory, uri, _images = store
+    log_dir = tmp_path_factory.mktemp("shared-log")
+    ports = [free_port(), free_port()]
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    first, second = (serve_command(port, log_dir) for port in ports)
+    with (
+        serving(first, env, f"http://127.0.0.1:{ports[0]}", "/ping", directory) as url_a,
+        serving(second, env, f"http://127.0.0.1:{ports[1]}", "/ping", directory) as url_b,
+    ):
+        yield url_a, url_b, log_dir
+
+
+def call(url: str, path: str, body=None, headers=None) -> tuple[int, dict, dict]:
+    """POST `body` as JSON (GET without one); return the status, the JSON answer and the headers."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{url}{path}", data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            text = answer.read().decode()
+            status, answer_headers = answer.status, dict(answer.headers)
+    except urllib.error.HTTPError as error:
+        text, status, answer_headers = error.read().decode(), error.code, dict(error.headers)
+    return status, (json.loads(text) if text.startswith("{") else {"text": text}), answer_headers
+
+
+def predict(url: str, images: np.ndarray, request_id: str | None = None) -> tuple[str, list[int]]:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    status, answer, answer_headers = call(url, "/invocations", {"inputs": images.tolist()}, headers)
+    assert status == 200, answer
+    return answer_headers["x-request-id"], [row["digit"] for row in answer["predictions"]]
+
+
+def metrics(url: str) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def rows_of(log_dir: Path, request_ids: set[str], expected: int, seconds: float = 10) -> dict:
+    """The logged rows of these requests, once all `expected` of them are on disk."""
+    deadline = time.monotonic() + seconds
+    while True:
+        rows = read_rows(log_dir)
+        if rows:
+            mine = np.isin(rows["request_id"], list(request_ids))
+            if mine.sum() >= expected or time.monotonic() > deadline:
+                return {name: values[mine] for name, values in rows.items()}
+        elif time.monotonic() > deadline:
+            return {}
+        time.sleep(0.2)
+
+
+def test_metrics_count_exactly_what_was_served(store, replicas):
+    _directory, uri, images = store
+    url = replicas[0]
+    before = metrics(url)
+    digits = []
+    for start in range(0, 8, 2):
+        digits += predict(url, images[start : start + 2])[1]
+    for bad in ({"inputs": [[[300] * 28] * 28]}, {"inputs": [[1, 2]]}, {"nothing": 1}):
+        assert call(url, "/invocations", bad)[0] == 400
+    after = metrics(url)
+    count = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert count("mnist_serving_requests_total", path="/invocations", status="200") == 4
+    assert count("mnist_serving_requests_total", path="/invocations", status="400") == 3
+    for digit in range(10):
+        assert count("mnist_serving_predictions_total", digit=str(digit)) == digits.count(digit)
+    assert count("mnist_serving_top_probability_count") == 8
+    assert count("mnist_serving_request_duration_seconds_count", path="/invocations") == 7
+    champion = MlflowClient(uri).get_model_version_by_alias("mnist-classifier", "champion")
+    info = {
+        dict(labels)["version"]: dict(labels)
+        for (name, labels), _ in after.items()
+        if name == "mnist_serving_model_info"
+    }
+    assert info[str(champion.version)]["run_id"] == champion.run_id
+    assert info[str(champion.version)]["runtime"] == "onnx"
+
+
+def test_the_log_holds_exactly_the_rows_sent_with_the_ids_returned(store, replicas):
+    _directory, _uri, images = store
+    url_a, url_b, log_dir = replicas
+    given, _ = predict(url_a, images[:3], request_id="client-chosen-1")
+    assert given == "client-chosen-1"
+    generated, _ = predict(url_b, images[3:5], request_id="not a valid id!")
+    assert generated != "not a valid id!" and len(generated) == 32
+    rows = rows_of(log_dir, {given, generated}, 5)
+    assert sorted(rows["request_id"].tolist()) == sorted([given] * 3 + [generated] * 2)
+    for request_id, sent in ((given, images[:3]), (generated, images[3:5])):
+        mine = rows["request_id"] == request_id
+        assert rows["position"][mine].tolist() == list(range(len(sent)))
+        assert np.array_equal(rows["pixels"][mine], sent.astype(np.uint8))
+        assert np.allclose(rows["features"][mine], image_features(sent))
+    # Both replicas wrote into the folder, each under its own name.
+    writers = {path.name.split("-")[1] for path in log_files(log_dir, "rows")}
+    assert len(writers) >= 2
+    written = value(metrics(url_a), "mnist_serving_inference_log_rows_written_total")
+    assert written >= 3
+
+
+def test_feedback_by_endpoint_joins_to_the_logged_rows(store, replicas):
+    _directory, _uri, images = store
+    url_a, url_b, log_dir = replicas
+    request_id, _digits = predict(url_a, images[:2])
+    rows_of(log_dir, {request_id}, 2)
+    # Feedback may reach another replica than the one that answered.
+    status, answer, _ = call(url_b, "/feedback", {"request_id": request_id, "digits": [3, 7]})
+    assert (status, answer["recorded"], answer["duplicate"]) == (200, 2, False)
+    status, answer, _ = call(url_b, "/feedback", {"request_id": request_id, "digits": [3, 7]})
+    assert (status, answer["recorded"], answer["duplicate"]) == (200, 0, True)
+    deadline = time.monotonic() + 10
+    while (request_id, 1) not in read_feedback(log_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    truth = read_feedback(log_dir)
+    assert truth[(request_id, 0)] == 3 and truth[(request_id, 1)] == 7
+
+    refusals = [
+        ({"request_id": "never-seen", "digits": [1]}, 404, "no request 'never-seen'"),
+        ({"request_id": request_id, "digits": [1]}, 400, "had 2 image(s); got 1 digit(s)"),
+        ({"request_id": request_id, "digits": [1, 10]}, 400, "integer in 0–9, got 10"),
+        ({"request_id": request_id, "digits": [1, True]}, 400, "integer in 0–9, got True"),
+        ({"request_id": request_id}, 400, "expected {"),
+    ]
+    for body, expected_status, message in refusals:
+        status, answer, _ = call(url_a, "/feedback", body)
+        assert status == expected_status and message in answer["message"], answer
+    assert call(url_a, "/feedback")[0] == 405
+
+
+def test_feedback_from_a_csv_reports_matched_unknown_and_duplicated(store, replicas, tmp_path):
+    directory, _uri, images = store
+    url_a, _url_b, log_dir = replicas
+    request_id, _ = predict(url_a, images[:3])
+    rows_of(log_dir, {request_id}, 3)
+    call(url_a, "/feedback", {"request_id": request_id, "digits": [1, 2, 3]})
+    other, _ = predict(url_a, images[3:5])
+    rows_of(log_dir, {other}, 2)
+    time.sleep(1.5)  # the endpoint's feedback reaches the disk
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        f"request_id,position,digit\n{other},0,4\n{other},1,5\n"
+        f"{request_id},0,9\nmissing,0,1\n{other},7,1\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "mnist_mlops",
+        "feedback",
+        str(labels),
+        "--log-dir",
+        str(log_dir),
+    ]
+    result = run(command, directory, subprocess_env())
+    assert result.stdout.strip() == "feedback: 2 matched, 2 unknown, 1 duplicated"
+    truth = read_feedback(log_dir)
+    assert truth[(other, 0)] == 4 and truth[(other, 1)] == 5 and truth[(request_id, 0)] == 1
+
+    before = sorted(path.name for path in log_files(log_dir, "feedback"))
+    labels.write_text(f"request_id,position,digit\n{other},0,4\n{other},1,12\n")
+    result = run(command, directory, subprocess_env(), check=False)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"mnist-mlops feedback: {labels}:3: the digit must be in 0–9, got '12'"
+    )
+    assert sorted(path.name for path in log_files(log_dir, "feedback")) == before
+
+
+def test_a_bare_server_has_neither_metrics_nor_a_log(store, tmp_path):
+    directory, uri, images = store
+    port, log_dir = free_port(), tmp_path / "log"
+    command = serve_command(port, log_dir, "--no-metrics", "--no-log")
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    with serving(command, env, f"http://127.0.0.1:{port}", "/ping", directory) as url:
+        status, _answer, headers = call(url, "/invocations", {"inputs": images[:1].tolist()})
+        assert status == 200 and "x-request-id" not in {name.lower() for name in headers}
+        assert call(url, "/metrics")[0] == 404
+        assert call(url, "/feedback", {"request_id": "any", "digits": [1]})[0] == 404
+    assert not log_dir.exists()
+
+
+def test_an_unwritable_log_never_fails_a_request(store, tmp_path):
+    directory, uri, images = store
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    port, output = free_port(), tmp_path / "server.log"
+    command = serve_command(port, blocker / "log")
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    with serving(command, env, f"http://127.0.0.1:{port}", "/ping", directory, output) as url:
+        for _ in range(3):
+            predict(url, images[:2])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            dropped = value(metrics(url), "mnist_serving_inference_log_rows_dropped_total")
+            if dropped >= 6:
+                break
+            time.sleep(0.2)
+    assert dropped == 6
+    warnings = [line for line in output.read_text().splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "cannot write the inference log" in warnings[0]
+
+
+def test_sigterm_flushes_everything(store, tmp_path):
+    directory, uri, images = store
+    port, log_dir = free_port(), tmp_path / "log"
+    process = subprocess.Popen(
+        serve_command(port, log_dir),
+        cwd=directory,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(url, process)
+        ids = {predict(url, images[:2])[0] for _ in range(5)}
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    rows = read_rows(log_dir)
+    assert sorted(set(rows["request_id"].tolist())) == sorted(ids) and len(rows["request_id"]) == 10
+
+
+def test_a_killed_server_leaves_only_complete_segments(store, tmp_path):
+    directory, uri, images = store
+    port, log_dir = free_port(), tmp_path / "log"
+    process = subprocess.Popen(
+        serve_command(port, log_dir),
+        cwd=directory,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    answered: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                answered.append((time.monotonic(), predict(url, images[:2])[0]))
+            except (OSError, AssertionError, KeyError):
+                return
+
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(url, process)
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        time.sleep(3)
+        killed_at = time.monotonic()
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        stop.set()
+        sender.join(timeout=30)
+    finally:
+        process.kill()
+    files = log_files(log_dir, "rows")
+    assert files
+    for path in files:
+        with np.load(path, allow_pickle=False) as archive:
+            assert len(archive["request_id"]) == len(archive["pixels"]) > 0
+    logged = set(read_rows(log_dir)["request_id"].tolist())
+    settled = {request_id for at, request_id in answered if at < killed_at - 1.5}
+    assert settled and settled <= logged
+
+
+def wait_for(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    pytest.fail(f"{url} did not answer within 120 s")
