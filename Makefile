@@ -14,9 +14,10 @@ SERVERS ?= model
 STUDY ?= mlp-search
 TRIALS ?= 20
 SEARCH ?= mlp
+TARGETS ?= 127.0.0.1:$(PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy benchmark clean
+.PHONY: help install repro tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -74,6 +75,9 @@ certs: install ## Make a private CA and a certificate for 127.0.0.1 and localhos
 
 proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|both; 8443, 8444)
 	mnist-mlops proxy $(SERVERS)
+
+monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
+	mnist-mlops monitoring --targets $(TARGETS)
 
 benchmark: install ## Benchmark the pipeline, the server, the serving environment's size, tune
 	python benchmarks/pipeline.py

@@ -2,7 +2,8 @@
 
 The package is a house in wings, one subpackage per concern, on shared ground:
 
-    ground      paths.py, atomic.py   where things are; how files are written
+    ground      paths.py, atomic.py, processes.py   where things are; how files
+                are written; how a command runs a server in the foreground
     model/      the network's architectures, its ONNX export, the served
                 classifier and how models are logged to MLflow
     config.py   params.yaml validated against the schema (model/ gives the
@@ -25,7 +26,7 @@ that enforces it.
 __version__ = "0.1.0"
 
 LAYERS = (
-    ("paths", "atomic"),
+    ("paths", "atomic", "processes"),
     ("model",),
     ("config",),
     ("tracking",),

@@ -30,6 +30,9 @@ PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
 MISTAKES_FILE = REPORTS_DIR / "mistakes.png"
 REGISTRY_FILE = REPORTS_DIR / "registry.json"
 
+# Prometheus' and Alertmanager's configurations and the alert rules.
+MONITORING_CONFIG_DIR = Path("deploy") / "monitoring"
+
 # The model server's inference log: images, answers and true digits.
 INFERENCE_LOG_DIR_ENV = "MNIST_INFERENCE_LOG_DIR"
 

@@ -1,4 +1,5 @@
-"""The monitoring wing's commands: `feedback`, true digits from a CSV into the inference log."""
+"""The monitoring wing's commands: `feedback` (true digits from a CSV) and `monitoring`
+(Prometheus and Alertmanager in the foreground)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnist_mlops.paths import inference_log_dir
+from mnist_mlops.paths import MONITORING_CONFIG_DIR, inference_log_dir
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -22,6 +23,43 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     feedback.set_defaults(run=record_feedback)
 
+    watch = commands.add_parser(
+        "monitoring", help="run Prometheus and Alertmanager on 127.0.0.1 for the model servers"
+    )
+    watch.add_argument(
+        "--targets",
+        default="127.0.0.1:5000",
+        help="the model servers to scrape, host:port separated by commas",
+    )
+    watch.add_argument("--pushgateway", default="", help="a Pushgateway to scrape, host:port")
+    watch.add_argument(
+        "--webhook-url",
+        default="http://127.0.0.1:9095/alerts",
+        help="where Alertmanager sends the alerts",
+    )
+    watch.add_argument("--prometheus-port", type=int, default=9090, help="Prometheus' port")
+    watch.add_argument("--alertmanager-port", type=int, default=9093, help="Alertmanager's port")
+    watch.add_argument("--scrape-interval", default="15s", help="how often targets are scraped")
+    watch.add_argument(
+        "--evaluation-interval", default="15s", help="how often the rules are evaluated"
+    )
+    watch.add_argument(
+        "--rules", type=Path, default=MONITORING_CONFIG_DIR / "rules.yml", help="the alert rules"
+    )
+    watch.add_argument(
+        "--prometheus-config",
+        type=Path,
+        default=MONITORING_CONFIG_DIR / "prometheus.yml",
+        help="Prometheus' configuration, before the options above are applied",
+    )
+    watch.add_argument(
+        "--alertmanager-config",
+        type=Path,
+        default=MONITORING_CONFIG_DIR / "alertmanager.yml",
+        help="Alertmanager's configuration, before --webhook-url is applied",
+    )
+    watch.set_defaults(run=monitoring)
+
 
 def record_feedback(arguments: argparse.Namespace) -> int:
     from mnist_mlops.monitoring.feedback import FeedbackError, read_labels, record
@@ -36,3 +74,25 @@ def record_feedback(arguments: argparse.Namespace) -> int:
         return 2
     print(record(arguments.log_dir, rows))
     return 0
+
+
+def monitoring(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.monitoring.alerting import MonitoringError, MonitoringSettings, run_monitoring
+
+    settings = MonitoringSettings(
+        targets=tuple(target.strip() for target in arguments.targets.split(",") if target.strip()),
+        pushgateway=arguments.pushgateway,
+        webhook_url=arguments.webhook_url,
+        prometheus_port=arguments.prometheus_port,
+        alertmanager_port=arguments.alertmanager_port,
+        scrape_interval=arguments.scrape_interval,
+        evaluation_interval=arguments.evaluation_interval,
+        rules=arguments.rules,
+        prometheus_config=arguments.prometheus_config,
+        alertmanager_config=arguments.alertmanager_config,
+    )
+    try:
+        return run_monitoring(settings)
+    except MonitoringError as error:
+        print(f"mnist-mlops monitoring: {error}", file=sys.stderr)
+        return 1

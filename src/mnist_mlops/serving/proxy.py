@@ -23,16 +23,16 @@ localhost, for local use and tests.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from mnist_mlops.processes import cannot_listen, stop_with_parent
 
 DEPLOY_DIR = Path("deploy")
 # The model server's own limit for a feedback body (serving/observed.py).
@@ -121,15 +121,11 @@ def check_inputs(settings: ProxySettings) -> None:
         if not os.access(path, os.R_OK):
             raise ProxyError(f"the TLS {label} {path} is not readable by this user")
     for upstream in settings.upstreams:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((settings.host, upstream.port))
-            except OSError as error:
-                raise ProxyError(
-                    f"cannot listen on {settings.host}:{upstream.port} for the {upstream.name} "
-                    f"server: {error.strerror}"
-                ) from None
+        if problem := cannot_listen(settings.host, upstream.port):
+            raise ProxyError(
+                f"cannot listen on {settings.host}:{upstream.port} for the {upstream.name} "
+                f"server: {problem}"
+            )
 
 
 def nginx_error(output: str) -> str:
@@ -152,17 +148,6 @@ def prepare(settings: ProxySettings, runtime: Path) -> list[str]:
     return command
 
 
-def _stop_with_parent() -> None:
-    """In nginx's process before it starts: the kernel sends it SIGTERM if this command dies.
-
-    Killed outright (SIGKILL, the OOM killer), this command could not stop
-    nginx, which would keep serving and hold the ports. Linux's
-    PR_SET_PDEATHSIG does it instead.
-    """
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def run_proxy(settings: ProxySettings) -> int:
     """Run nginx in the foreground until SIGINT or SIGTERM; return its exit status."""
     runtime = Path(tempfile.mkdtemp(prefix="mnist-mlops-proxy-"))
@@ -177,7 +162,7 @@ def run_proxy(settings: ProxySettings) -> int:
                 f"http://{upstream.address} ({upstream.name} server)",
                 flush=True,
             )
-        process = subprocess.Popen(command, preexec_fn=_stop_with_parent)
+        process = subprocess.Popen(command, preexec_fn=stop_with_parent)
         # Ctrl-C or SIGTERM: nginx's graceful stop (SIGQUIT) finishes the
         # requests in flight; a second signal stops it at once.
         stops = iter((signal.SIGQUIT, signal.SIGTERM, signal.SIGTERM))

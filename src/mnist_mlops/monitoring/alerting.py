@@ -1,0 +1,182 @@
+"""`mnist-mlops monitoring`: Debian's Prometheus and Alertmanager, in the foreground, on 127.0.0.1.
+
+The configurations in deploy/monitoring/ are copied into a private
+temporary folder with the command's targets, ports, intervals and webhook
+set, checked with promtool and amtool, and run there with private data
+folders. Alertmanager's clustering is off (it would listen on every
+interface). Ctrl-C or SIGTERM stops both; if the command is killed outright
+the kernel stops them (PR_SET_PDEATHSIG), and if either one exits the other
+is stopped too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mnist_mlops.paths import MONITORING_CONFIG_DIR
+from mnist_mlops.processes import cannot_listen, stop_with_parent
+
+HOST = "127.0.0.1"
+# Debian names Alertmanager's binary prometheus-alertmanager.
+ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")
+
+
+class MonitoringError(Exception):
+    """Prometheus or Alertmanager cannot be started as asked."""
+
+
+@dataclass(frozen=True)
+class MonitoringSettings:
+    targets: tuple[str, ...] = ("127.0.0.1:5000",)
+    pushgateway: str = ""
+    webhook_url: str = "http://127.0.0.1:9095/alerts"
+    prometheus_port: int = 9090
+    alertmanager_port: int = 9093
+    scrape_interval: str = "15s"
+    evaluation_interval: str = "15s"
+    rules: Path = MONITORING_CONFIG_DIR / "rules.yml"
+    prometheus_config: Path = MONITORING_CONFIG_DIR / "prometheus.yml"
+    alertmanager_config: Path = MONITORING_CONFIG_DIR / "alertmanager.yml"
+
+
+def binaries() -> tuple[str, str, str, str]:
+    """prometheus, promtool, alertmanager and amtool, or one line saying how to install them."""
+    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    alertmanager = next(filter(None, map(shutil.which, ALERTMANAGER_BINARIES)), None)
+    amtool = shutil.which("amtool")
+    if not (prometheus and promtool):
+        raise MonitoringError("Prometheus is not installed (Debian: apt-get install prometheus)")
+    if not (alertmanager and amtool):
+        raise MonitoringError(
+            "Alertmanager is not installed (Debian: apt-get install prometheus-alertmanager)"
+        )
+    return prometheus, promtool, alertmanager, amtool
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise MonitoringError(f"cannot read {path}: {error}") from None
+
+
+def render(settings: MonitoringSettings, runtime: Path) -> tuple[Path, Path]:
+    """Write the private Prometheus and Alertmanager configurations; return their paths."""
+    prometheus = _read_yaml(settings.prometheus_config)
+    prometheus["global"] = {
+        **prometheus.get("global", {}),
+        "scrape_interval": settings.scrape_interval,
+        "evaluation_interval": settings.evaluation_interval,
+    }
+    shutil.copy(settings.rules, runtime / "rules.yml")
+    prometheus["rule_files"] = ["rules.yml"]
+    prometheus["alerting"] = {
+        "alertmanagers": [
+            {"static_configs": [{"targets": [f"{HOST}:{settings.alertmanager_port}"]}]}
+        ]
+    }
+    jobs = []
+    for job in prometheus.get("scrape_configs", []):
+        if job["job_name"] == "model-server":
+            job["static_configs"] = [{"targets": list(settings.targets)}]
+        elif job["job_name"] == "pushgateway":
+            if not settings.pushgateway:
+                continue
+            job["static_configs"] = [{"targets": [settings.pushgateway]}]
+        jobs.append(job)
+    prometheus["scrape_configs"] = jobs
+    alertmanager = _read_yaml(settings.alertmanager_config)
+    for receiver in alertmanager.get("receivers", []):
+        for webhook in receiver.get("webhook_configs", []):
+            webhook["url"] = settings.webhook_url
+    prometheus_file, alertmanager_file = runtime / "prometheus.yml", runtime / "alertmanager.yml"
+    prometheus_file.write_text(yaml.safe_dump(prometheus, sort_keys=False))
+    alertmanager_file.write_text(yaml.safe_dump(alertmanager, sort_keys=False))
+    return prometheus_file, alertmanager_file
+
+
+def _check(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        lines = [line.strip() for line in (result.stderr + result.stdout).splitlines()]
+        problems = [line for line in lines if "FAILED" in line or "rror" in line] or lines
+        raise MonitoringError(
+            f"{what} is not valid: {problems[-1] if problems else 'no reason given'}"
+        )
+
+
+def prepare(settings: MonitoringSettings, runtime: Path) -> list[list[str]]:
+    """Check what a user gets wrong most, render and check the configs; return the two commands."""
+    prometheus, promtool, alertmanager, amtool = binaries()
+    for name, port in (
+        ("Prometheus", settings.prometheus_port),
+        ("Alertmanager", settings.alertmanager_port),
+    ):
+        if problem := cannot_listen(HOST, port):
+            raise MonitoringError(f"cannot listen on {HOST}:{port} for {name}: {problem}")
+    prometheus_file, alertmanager_file = render(settings, runtime)
+    _check([promtool, "check", "config", str(prometheus_file)], "the Prometheus configuration")
+    _check([amtool, "check-config", str(alertmanager_file)], "the Alertmanager configuration")
+    return [
+        [
+            alertmanager,
+            f"--config.file={alertmanager_file}",
+            f"--storage.path={runtime / 'alertmanager-data'}",
+            f"--web.listen-address={HOST}:{settings.alertmanager_port}",
+            f"--web.external-url=http://{HOST}:{settings.alertmanager_port}/",
+            "--cluster.listen-address=",
+        ],
+        [
+            prometheus,
+            f"--config.file={prometheus_file}",
+            f"--storage.tsdb.path={runtime / 'prometheus-data'}",
+            f"--web.listen-address={HOST}:{settings.prometheus_port}",
+            f"--web.external-url=http://{HOST}:{settings.prometheus_port}/",
+        ],
+    ]
+
+
+def run_monitoring(settings: MonitoringSettings) -> int:
+    """Run Alertmanager and Prometheus until SIGINT or SIGTERM, or until one of them exits."""
+    runtime = Path(tempfile.mkdtemp(prefix="mnist-mlops-monitoring-"))
+    processes: list[subprocess.Popen] = []
+    try:
+        commands = prepare(settings, runtime)
+        for command in commands:
+            processes.append(subprocess.Popen(command, preexec_fn=stop_with_parent))
+        print(
+            f"mnist-mlops monitoring: Prometheus on http://{HOST}:{settings.prometheus_port}, "
+            f"Alertmanager on http://{HOST}:{settings.alertmanager_port}, scraping "
+            f"{', '.join(settings.targets)}",
+            flush=True,
+        )
+        stopping = []
+
+        def stop(_signum: int, _frame: object) -> None:
+            stopping.append(True)
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        while not stopping and all(process.poll() is None for process in processes):
+            time.sleep(0.2)
+        status = next((process.returncode for process in processes if process.returncode), 0)
+        return status
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(runtime, ignore_errors=True)
