@@ -29,6 +29,9 @@ PER_CLASS_FILE = REPORTS_DIR / "per_class_accuracy.json"
 PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
 MISTAKES_FILE = REPORTS_DIR / "mistakes.png"
 REGISTRY_FILE = REPORTS_DIR / "registry.json"
+# Features and predictions of the validation split: what the monitor compares traffic with.
+REFERENCE_FILE = REPORTS_DIR / "reference.npz"
+MONITORING_REPORTS_DIR = REPORTS_DIR / "monitoring"
 
 # Prometheus' and Alertmanager's configurations and the alert rules.
 MONITORING_CONFIG_DIR = Path("deploy") / "monitoring"

@@ -1,5 +1,6 @@
-"""Watching the served model: image features (`features`), the inference log that the model
-server writes (`inference_log`) and its readers (`log_files`), ground-truth feedback.
+"""Watching the served model: image features, the inference log the model server writes and its
+readers, true digits fed back, the reference profile, drift checks (`monitor`), and Prometheus
+and Alertmanager (`alerting`).
 
-May import the ground and `tracking/`; the model server (`serving/`) writes through it.
+May import the ground, `config` and `tracking/`; the model server (`serving/`) writes through it.
 """

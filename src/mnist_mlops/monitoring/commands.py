@@ -1,5 +1,5 @@
-"""The monitoring wing's commands: `feedback` (true digits from a CSV) and `monitoring`
-(Prometheus and Alertmanager in the foreground)."""
+"""The monitoring wing's commands: `monitor` (one drift check), `feedback` (true digits from a
+CSV) and `monitoring` (Prometheus and Alertmanager in the foreground)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,44 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnist_mlops.paths import MONITORING_CONFIG_DIR, inference_log_dir
+from mnist_mlops.paths import MONITORING_CONFIG_DIR, MONITORING_REPORTS_DIR, inference_log_dir
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    monitor = commands.add_parser(
+        "monitor", help="check the served traffic of a model version against its reference"
+    )
+    monitor.add_argument(
+        "--model-uri", default="models:/mnist-classifier@champion", help="the version to check"
+    )
+    monitor.add_argument("--since", default="", help="only rows this recent: 30m, 24h, 7d")
+    monitor.add_argument("--last", type=int, default=0, help="only the last N rows")
+    monitor.add_argument(
+        "--log-dir",
+        type=Path,
+        default=inference_log_dir(),
+        help="the inference log's folder (%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
+    )
+    monitor.add_argument(
+        "--reports-dir", type=Path, default=MONITORING_REPORTS_DIR, help="where the report goes"
+    )
+    monitor.add_argument(
+        "--min-rows", type=int, default=200, help="fewer rows than this: too few rows"
+    )
+    monitor.add_argument(
+        "--alpha", type=float, default=0.05, help="the false-alarm rate of the whole check"
+    )
+    monitor.add_argument(
+        "--min-effect",
+        type=float,
+        default=0.1,
+        help="the smallest difference called drift (KS distance, digit-mix distance)",
+    )
+    monitor.add_argument(
+        "--pushgateway", default="", help="push the verdict to this Prometheus Pushgateway"
+    )
+    monitor.set_defaults(run=run_monitor)
+
     feedback = commands.add_parser(
         "feedback", help="record true digits from a CSV (request_id,position,digit)"
     )
@@ -96,3 +130,37 @@ def monitoring(arguments: argparse.Namespace) -> int:
     except MonitoringError as error:
         print(f"mnist-mlops monitoring: {error}", file=sys.stderr)
         return 1
+
+
+def run_monitor(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.monitoring.monitor import MonitorError, MonitorSettings
+    from mnist_mlops.monitoring.monitor import run_monitor as check
+    from mnist_mlops.tracking.store import store_failure
+
+    if arguments.last < 0 or arguments.min_rows < 1 or not 0 < arguments.alpha < 1:
+        print("mnist-mlops monitor: --last ≥ 0, --min-rows ≥ 1, 0 < --alpha < 1", file=sys.stderr)
+        return 2
+    settings = MonitorSettings(
+        model_uri=arguments.model_uri,
+        log_dir=arguments.log_dir,
+        reports_dir=arguments.reports_dir,
+        since=arguments.since,
+        last=arguments.last,
+        alpha=arguments.alpha,
+        min_rows=arguments.min_rows,
+        min_effect=arguments.min_effect,
+        pushgateway=arguments.pushgateway,
+    )
+    try:
+        status, line = check(settings)
+    except MonitorError as error:
+        print(f"mnist-mlops monitor: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        failure = store_failure(error)
+        if failure is None:
+            raise
+        print(f"mnist-mlops monitor: {failure}", file=sys.stderr)
+        return 2
+    print(line)
+    return status

@@ -23,6 +23,11 @@ from mnist_mlops.atomic import atomic_path, write_json, write_text
 from mnist_mlops.config import Config
 from mnist_mlops.model import flavors
 from mnist_mlops.model.architectures import INFERENCE_BATCH_SIZE, NUM_CLASSES, import_keras
+from mnist_mlops.monitoring.reference import (
+    REFERENCE_ARTIFACT_DIR,
+    reference_profile,
+    save_reference,
+)
 from mnist_mlops.paths import (
     METRICS_FILE,
     MISTAKES_FILE,
@@ -30,6 +35,7 @@ from mnist_mlops.paths import (
     ONNX_MODEL_FILE,
     PER_CLASS_FILE,
     PREDICTIONS_FILE,
+    REFERENCE_FILE,
     REGISTRY_FILE,
     RUN_FILE,
 )
@@ -107,6 +113,11 @@ def evaluate(config: Config) -> dict[str, float]:
     result = score(labels, probabilities)
     metrics = {name: result[name] for name in ("test_accuracy", "test_loss")}
 
+    validation_images, _labels = load_split("validation")
+    reference = reference_profile(
+        validation_images, served_probabilities(config, validation_images)
+    )
+    save_reference(REFERENCE_FILE, reference)
     write_json(PER_CLASS_FILE, result["per_class_accuracy"])
     write_text(PREDICTIONS_FILE, predictions_csv(labels, result["predicted"]))
     mistakes = mistakes_image(images, labels, probabilities)
@@ -122,6 +133,7 @@ def evaluate(config: Config) -> dict[str, float]:
         )
         mlflow.log_image(confusion_image(result["confusion_matrix"]), "confusion_matrix.png")
         mlflow.log_dict(per_class, "per_class_accuracy.json")
+        mlflow.log_artifact(str(REFERENCE_FILE), REFERENCE_ARTIFACT_DIR)
         registration = _register(config, run, metrics["test_accuracy"], images[:1])
         mlflow.set_tags(
             {

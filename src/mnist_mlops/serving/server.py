@@ -17,16 +17,14 @@ request id on every answer, the inference log and `POST /feedback`.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_mlops.monitoring.inference_log import LogSettings
 from mnist_mlops.paths import MLFLOW_DB_NAME, project_root
+from mnist_mlops.tracking.registry import registered_version
 from mnist_mlops.tracking.store import TRACKING_URI_ENV, embedded_store, tracking_uri
-
-REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 class ServeError(Exception):
@@ -84,17 +82,10 @@ def load_app(model_uri: str, observation: Observation = Observation()):
 
 def _registered_version(model_uri: str) -> tuple[str, str, str]:
     """The registered name, version and serving runtime behind a models:/ URI; empty otherwise."""
-    match = REGISTERED.match(model_uri)
-    if not match:
+    version = registered_version(model_uri)
+    if version is None:
         return "", "", ""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    if match["alias"]:
-        version = client.get_model_version_by_alias(match["name"], match["alias"])
-    else:
-        version = client.get_model_version(match["name"], match["version"])
-    return match["name"], str(version.version), version.tags.get("serving.runtime", "")
+    return version.name, str(version.version), version.tags.get("serving.runtime", "")
 
 
 def check_writable(database: Path) -> None:

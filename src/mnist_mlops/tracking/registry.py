@@ -6,10 +6,29 @@ beat the champion gets the alias `challenger` and a tag saying why.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def registered_version(model_uri: str):
+    """The registry's ModelVersion behind `models:/NAME@ALIAS` or `models:/NAME/N`; None otherwise.
+
+    Resolving an alias once, and then loading that version, keeps what is
+    served and what is reported about it the same version.
+    """
+    match = REGISTERED.match(model_uri)
+    if not match:
+        return None
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if match["alias"]:
+        return client.get_model_version_by_alias(match["name"], match["alias"])
+    return client.get_model_version(match["name"], match["version"])
 
 
 def should_promote(candidate: float, champion: float | None, margin: float) -> bool:
