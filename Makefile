@@ -79,11 +79,12 @@ proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|bo
 monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
 	mnist-mlops monitoring --targets $(TARGETS)
 
-benchmark: install ## Benchmark the pipeline, the server, the serving environment's size, tune
+benchmark: install ## Benchmark the pipeline, the server, the serving environment's size, tune, monitoring
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
 	python benchmarks/environment.py
 	python benchmarks/tune.py
+	python benchmarks/monitoring.py
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
 	rm -rf $(VENV) .pytest_cache .ruff_cache site

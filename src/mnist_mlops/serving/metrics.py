@@ -94,11 +94,20 @@ class ServerMetrics:
             }
         )
         self._digits = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
+        self._children: dict[tuple[str, int], tuple] = {}
 
     def request(self, path: str, status: int, seconds: float) -> None:
         label = path if path in KNOWN_PATHS else "other"
-        self.requests.labels(path=label, status=str(status)).inc()
-        self.latency.labels(path=label).observe(seconds)
+        # The children are kept: labels() checks and locks on every call.
+        key = (label, status)
+        if key not in self._children:
+            self._children[key] = (
+                self.requests.labels(path=label, status=str(status)),
+                self.latency.labels(path=label),
+            )
+        counter, histogram = self._children[key]
+        counter.inc()
+        histogram.observe(seconds)
 
     def answered(self, predictions: list[dict]) -> None:
         for prediction in predictions:

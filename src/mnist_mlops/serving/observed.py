@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import json
 import sys
 import time
@@ -35,7 +34,8 @@ def record_answers(python_model) -> None:
     """Make the model hand each batch it scores, and its answer, to the request being served."""
     original = python_model.predict
 
-    @functools.wraps(original)
+    # Not functools.wraps: MLflow reads predict's signature on every call, and
+    # through __wrapped__ that costs more. This one has the same parameters.
     def predict(context, model_input, params=None):
         answer = original(context, model_input, params)
         answers = _ANSWERS.get()
