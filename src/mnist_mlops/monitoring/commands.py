@@ -135,7 +135,7 @@ def monitoring(arguments: argparse.Namespace) -> int:
 def run_monitor(arguments: argparse.Namespace) -> int:
     from mnist_mlops.monitoring.monitor import MonitorError, MonitorSettings
     from mnist_mlops.monitoring.monitor import run_monitor as check
-    from mnist_mlops.tracking.store import store_failure
+    from mnist_mlops.tracking.store import report_store_failure
 
     if arguments.last < 0 or arguments.min_rows < 1 or not 0 < arguments.alpha < 1:
         print("mnist-mlops monitor: --last ≥ 0, --min-rows ≥ 1, 0 < --alpha < 1", file=sys.stderr)
@@ -157,10 +157,6 @@ def run_monitor(arguments: argparse.Namespace) -> int:
         print(f"mnist-mlops monitor: {error}", file=sys.stderr)
         return 2
     except Exception as error:
-        failure = store_failure(error)
-        if failure is None:
-            raise
-        print(f"mnist-mlops monitor: {failure}", file=sys.stderr)
-        return 2
+        return report_store_failure("monitor", error, 2)
     print(line)
     return status

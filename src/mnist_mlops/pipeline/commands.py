@@ -45,7 +45,7 @@ def run_stage(stage: str, params_file: Path) -> int:
     from mnist_mlops.model.export import ExportError
     from mnist_mlops.pipeline.fetch import FetchError
     from mnist_mlops.pipeline.preprocess import DataError
-    from mnist_mlops.tracking.store import store_failure
+    from mnist_mlops.tracking.store import report_store_failure
 
     try:
         config = load_params(params_file)
@@ -61,11 +61,7 @@ def run_stage(stage: str, params_file: Path) -> int:
         print(f"mnist-mlops {stage}: error: {error}", file=sys.stderr)
         return 1
     except Exception as error:
-        failure = store_failure(error)
-        if failure is None:
-            raise
-        print(f"mnist-mlops {stage}: {failure}", file=sys.stderr)
-        return 1
+        return report_store_failure(stage, error, 1)
     except KeyboardInterrupt as interruption:
         print(f"mnist-mlops {stage}: interrupted {interruption}", file=sys.stderr)
         return 130

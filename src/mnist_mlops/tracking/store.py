@@ -71,6 +71,18 @@ def store_failure(error: BaseException) -> str | None:
     return f"MLflow at {tracking_uri()} failed: {reason}"
 
 
+def report_store_failure(command: str, error: Exception, status: int) -> int:
+    """For a command's `except Exception`: one line and `status` if the MLflow store failed.
+
+    Any other error is raised again, with its traceback.
+    """
+    failure = store_failure(error)
+    if failure is None:
+        raise error
+    print(f"mnist-mlops {command}: {failure}", file=sys.stderr)
+    return status
+
+
 @contextmanager
 def project_lock(name: str) -> Iterator[None]:
     """An exclusive lock, shared by every process working on this project on this machine."""

@@ -59,7 +59,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def run(arguments: argparse.Namespace) -> int:
     from mnist_mlops.config import ConfigError
-    from mnist_mlops.tracking.store import store_failure
+    from mnist_mlops.tracking.store import report_store_failure
     from mnist_mlops.tuning.search import SearchError
     from mnist_mlops.tuning.tune import tune
 
@@ -75,8 +75,4 @@ def run(arguments: argparse.Namespace) -> int:
         )
         return 130
     except Exception as error:
-        failure = store_failure(error)
-        if failure is None:
-            raise
-        print(f"mnist-mlops tune: {failure}", file=sys.stderr)
-        return 1
+        return report_store_failure("tune", error, 1)
