@@ -49,7 +49,6 @@ from mnist_mlops.monitoring.log_files import (
 )
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-IMAGE_SHAPE = (28, 28)
 WARNING_INTERVAL_SECONDS = 60
 
 
