@@ -17,7 +17,7 @@ SEARCH ?= mlp
 TARGETS ?= 127.0.0.1:$(PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
+.PHONY: help install repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ install: $(VENV)/.installed ## Create .venv with the locked dependencies
 
 repro: install ## Run the pipeline end to end (dvc repro)
 	dvc repro
+
+retrain: install ## Snapshot the served feedback into data/feedback, dvc repro, report the gate
+	mnist-mlops retrain
 
 tune: install ## Search hyperparameters with Optuna (STUDY=…, TRIALS=…, SEARCH=mlp|cnn)
 	mnist-mlops tune --study $(STUDY) --trials $(TRIALS) --search $(SEARCH)
@@ -79,9 +82,10 @@ proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|bo
 monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
 	mnist-mlops monitoring --targets $(TARGETS)
 
-benchmark: install ## Benchmark the pipeline, the server, the serving environment's size, tune, monitoring
+benchmark: install ## Benchmark the pipeline, the server, a swap, the serving environment's size, tune, monitoring
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
+	python benchmarks/swap.py
 	python benchmarks/environment.py
 	python benchmarks/tune.py
 	python benchmarks/monitoring.py

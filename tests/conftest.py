@@ -40,6 +40,7 @@ PROJECT_FILES = (
     "dvc.yaml",
     "params.yaml",
     ".dvc/config",
+    "data/feedback/README.md",
     ".gitignore",
     "pyproject.toml",
 )

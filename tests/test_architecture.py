@@ -136,11 +136,18 @@ def test_dvc_yaml_leads_from_each_stage_to_its_module():
             ), f"{stage} depends on {dependency}, which is not there"
 
 
-def commands() -> dict[str, argparse.ArgumentParser]:
+def commands(command: argparse.ArgumentParser | None = None, prefix: str = "") -> dict:
+    """Every command that runs something, by its words (`train`, `feedback snapshot`)."""
     subparsers = next(
-        action for action in parser()._actions if isinstance(action, argparse._SubParsersAction)
+        action
+        for action in (command or parser())._actions
+        if isinstance(action, argparse._SubParsersAction)
     )
-    return dict(subparsers.choices)
+    found = {}
+    for name, sub in subparsers.choices.items():
+        nested = any(isinstance(action, argparse._SubParsersAction) for action in sub._actions)
+        found.update(commands(sub, f"{prefix}{name} ") if nested else {f"{prefix}{name}": sub})
+    return found
 
 
 def test_the_command_line_is_assembled_from_the_wings():
@@ -153,7 +160,9 @@ def test_the_command_line_is_assembled_from_the_wings():
     assert wings["runs"] == wings["ui"] == "mnist_mlops.tracking.commands"
     assert wings["serve"] == wings["predict"] == "mnist_mlops.serving.commands"
     assert wings["tune"] == "mnist_mlops.tuning.commands"
-    assert wings["feedback"] == "mnist_mlops.monitoring.commands"
+    assert (
+        wings["feedback record"] == wings["feedback snapshot"] == "mnist_mlops.monitoring.commands"
+    )
     assert wings["tracking-server"] == "mnist_mlops.team.commands"
     main_source = (PACKAGE / "__main__.py").read_text()
     assert "add_argument" not in main_source

@@ -101,15 +101,32 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class FeedbackConfig:
+    """How the snapshot of served traffic with true digits (data/feedback) enters the pipeline."""
+
+    recent_fraction: float = 0.2
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.recent_fraction <= 1:
+            raise ValueError(f"recent_fraction must be in 0–1, got {self.recent_fraction}")
+        if self.weight <= 0:
+            raise ValueError(f"weight must be positive, got {self.weight}")
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     model_name: str = "mnist-classifier"
     promotion_margin: float = 0.0
+    test_tolerance: float = 0.005
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
             raise ValueError("model_name must not be empty")
         if self.promotion_margin < 0:
             raise ValueError(f"promotion_margin must be 0 or more, got {self.promotion_margin}")
+        if not 0 <= self.test_tolerance < 1:
+            raise ValueError(f"test_tolerance must be in 0–1, got {self.test_tolerance}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,7 @@ class Config:
     mlflow: MlflowConfig
     registry: RegistryConfig
     serving: ServingConfig
+    feedback: FeedbackConfig
     model: Any
     optimizer: Any
     raw: Mapping[str, Any]
@@ -187,7 +205,7 @@ def validate(raw: Mapping[str, Any]) -> Config:
     """Check a composed config against the schema; raise ConfigError on the first problem."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"the config must be a mapping, got {type(raw).__name__}")
-    expected = {"data", "train", "mlflow", "registry", "serving", "model", "optimizer"}
+    expected = {"data", "train", "mlflow", "registry", "serving", "feedback", "model", "optimizer"}
     unknown = sorted(set(raw) - expected)
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
@@ -200,6 +218,7 @@ def validate(raw: Mapping[str, Any]) -> Config:
         mlflow=_typed("mlflow", MlflowConfig, raw["mlflow"]),
         registry=_typed("registry", RegistryConfig, raw["registry"]),
         serving=_typed("serving", ServingConfig, raw["serving"]),
+        feedback=_typed("feedback", FeedbackConfig, raw["feedback"]),
         model=_named("model", MODELS, raw["model"]),
         optimizer=_named("optimizer", OPTIMIZERS, raw["optimizer"]),
         raw=raw,

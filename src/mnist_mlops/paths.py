@@ -16,6 +16,10 @@ DATA_DIR = Path("data")
 RAW_DATA_DIR = DATA_DIR / "raw"
 PROCESSED_DATA_DIR = DATA_DIR / "processed"
 PROCESSED_MANIFEST = PROCESSED_DATA_DIR / "manifest.json"
+# Served images with their true digits (`mnist-mlops feedback snapshot`), tracked by
+# DVC: the folder is a dependency of preprocess, the snapshot file a `dvc add`.
+FEEDBACK_DATA_DIR = DATA_DIR / "feedback"
+FEEDBACK_SNAPSHOT_FILE = FEEDBACK_DATA_DIR / "feedback.npz"
 
 MODELS_DIR = Path("models")
 MODEL_FILE = MODELS_DIR / "model.keras"
@@ -46,7 +50,7 @@ OPTUNA_DB_NAME = "optuna.db"
 
 
 def processed_split_file(split: str) -> Path:
-    """The arrays of one split (`train`, `validation` or `test`)."""
+    """The arrays of one split (`train`, `validation`, `test` or `recent`)."""
     return PROCESSED_DATA_DIR / f"{split}.npz"
 
 

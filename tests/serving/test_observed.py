@@ -202,6 +202,7 @@ def test_feedback_from_a_csv_reports_matched_unknown_and_duplicated(store, repli
         "-m",
         "mnist_mlops",
         "feedback",
+        "record",
         str(labels),
         "--log-dir",
         str(log_dir),
@@ -217,7 +218,7 @@ def test_feedback_from_a_csv_reports_matched_unknown_and_duplicated(store, repli
     assert result.returncode == 2
     assert (
         result.stderr.strip()
-        == f"mnist-mlops feedback: {labels}:3: the digit must be in 0–9, got '12'"
+        == f"mnist-mlops feedback record: {labels}:3: the digit must be in 0–9, got '12'"
     )
     assert sorted(path.name for path in log_files(log_dir, "feedback")) == before
 
@@ -225,7 +226,7 @@ def test_feedback_from_a_csv_reports_matched_unknown_and_duplicated(store, repli
 def test_a_bare_server_has_neither_metrics_nor_a_log(store, tmp_path):
     directory, uri, images = store
     port, log_dir = free_port(), tmp_path / "log"
-    command = serve_command(port, log_dir, "--no-metrics", "--no-log")
+    command = serve_command(port, log_dir, "--no-metrics", "--no-log", "--follow-seconds", "0")
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     with serving(command, env, f"http://127.0.0.1:{port}", "/ping", directory) as url:
         status, _answer, headers = call(url, "/invocations", {"inputs": images[:1].tolist()})

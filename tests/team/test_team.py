@@ -267,3 +267,72 @@ def test_the_proxy_keeps_basic_auth_and_plain_http_never_reaches_mlflow(
     assert answer.getheader("Location").startswith(f"https://{host}:{port}/api/2.0/")
     assert b"experiments" not in answer.read()
     connection.close()
+
+
+# One evaluator: it judged its candidate against v1 (scored on the same recent
+# split), waits for the shared start time, then registers and reconciles.
+EVALUATOR = """
+import sys, time
+from mlflow import MlflowClient
+from mnist_mlops.tracking.registry import Gate, Scores, register
+
+name, source, test, recent, start = sys.argv[1:]
+champion = MlflowClient().get_model_version(name, "1")
+judged_against = (champion, Scores(0.970, 0.850, 200))
+time.sleep(max(0.0, float(start) - time.time()))
+registration = register(
+    source, name, Scores(float(test), float(recent), 200), Gate(), {}, "a racing evaluator",
+    champion=judged_against,
+)
+print(registration.version)
+"""
+
+
+def test_two_evaluators_racing_leave_the_better_version_champion(
+    team_server, team_client, tmp_path
+):
+    import time
+
+    env = team_env(team_server)
+    experiment = team_client.get_experiment_by_name("race") or team_client.get_experiment(
+        team_client.create_experiment("race")
+    )
+    holder = team_client.create_run(experiment.experiment_id)
+    team_client.log_text(holder.info.run_id, "a stand-in model", "model/MLmodel")
+    team_client.set_terminated(holder.info.run_id)
+    source = f"runs:/{holder.info.run_id}/model"
+    # Both beat v1 on the recent split; the better one there has the lower test accuracy.
+    better, worse = ("0.969", "0.960"), ("0.972", "0.930")
+    for repetition in range(4):
+        name = f"race-{repetition}"
+        team_client.create_registered_model(name)
+        first = team_client.create_model_version(
+            name,
+            f"{holder.info.artifact_uri}/model",
+            run_id=holder.info.run_id,
+            tags={"gate": "passed", "gate.champion": "0", "test_accuracy": "0.97"},
+        )
+        team_client.set_registered_model_alias(name, "champion", first.version)
+        # Even repetitions start the better evaluator first, odd ones the worse.
+        order = (better, worse) if repetition % 2 == 0 else (worse, better)
+        start = time.time() + 6
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", EVALUATOR, name, source, *scores, str(start + 0.01 * i)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i, scores in enumerate(order)
+        ]
+        outputs = [process.communicate(timeout=120) for process in processes]
+        assert [process.returncode for process in processes] == [0, 0], outputs
+        version_of = {
+            scores: output.strip().splitlines()[-1]
+            for scores, (output, _errors) in zip(order, outputs, strict=True)
+        }
+        champion = team_client.get_model_version_by_alias(name, "champion")
+        assert str(champion.version) == version_of[better], (repetition, version_of)
+        loser = team_client.get_model_version(name, version_of[worse])
+        assert loser.tags["gate"] == "passed" and loser.tags["gate.champion"] == "1"

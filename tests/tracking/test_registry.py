@@ -11,7 +11,16 @@ from mnist_mlops.pipeline.evaluate import evaluate
 from mnist_mlops.pipeline.fetch import fetch
 from mnist_mlops.pipeline.preprocess import preprocess
 from mnist_mlops.pipeline.train import train
-from mnist_mlops.tracking.registry import CHALLENGER, CHAMPION, register, should_promote
+from mnist_mlops.tracking.promotion import GATE_TAG, REVOKED, reconcile
+from mnist_mlops.tracking.registry import (
+    CHALLENGER,
+    CHAMPION,
+    Gate,
+    Scores,
+    judge,
+    register,
+    should_promote,
+)
 
 MODEL = "mnist-classifier"
 
@@ -31,6 +40,27 @@ def test_gate(candidate, champion, margin, promoted):
     assert should_promote(candidate, champion, margin) is promoted
 
 
+@pytest.mark.parametrize(
+    ("candidate", "champion", "eligible", "rule"),
+    [
+        # Better where the traffic is, half a point worse on the old test set: promoted.
+        (Scores(0.975, 0.95, 1000), Scores(0.979, 0.85, 1000), True, "recent"),
+        # Better on recent traffic but it forgot the test set: refused.
+        (Scores(0.970, 0.96, 1000), Scores(0.979, 0.85, 1000), False, "recent"),
+        # Not better on the recent split, however good on test: refused.
+        (Scores(0.990, 0.85, 1000), Scores(0.979, 0.85, 1000), False, "recent"),
+        # Without a recent split on both sides, today's rule.
+        (Scores(0.980), Scores(0.979, 0.85, 1000), True, "test"),
+        (Scores(0.978, 0.99, 1000), Scores(0.979), False, "test"),
+        (Scores(0.5), None, True, "first"),
+    ],
+)
+def test_the_gate_judges_where_the_traffic_is(candidate, champion, eligible, rule):
+    verdict = judge(candidate, champion, Gate(margin=0.0, test_tolerance=0.005))
+    assert (verdict.eligible, verdict.rule) == (eligible, rule)
+    assert verdict.reason.startswith(f"{rule} rule" if rule != "first" else "first version")
+
+
 def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
     fetch(config.data)
     preprocess(config)
@@ -40,7 +70,13 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
     client = MlflowClient()
     first = json.loads(REGISTRY_FILE.read_text())
     recorded_run_id = first.pop("run_id")
-    assert first == {"version": 1, "promoted": True, "champion_version": 1}
+    assert first == {
+        "version": 1,
+        "promoted": True,
+        "champion_version": 1,
+        "reason": "first version: promoted to champion",
+        "before": {},
+    }
     version = client.get_model_version(MODEL, "1")
     run = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])[0]
     assert version.tags["run_id"] == run.info.run_id == recorded_run_id
@@ -53,21 +89,35 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
     # Register the same classifier again under other accuracies to drive the gate.
     model_uri = version.source
     champion_accuracy = float(version.tags["test_accuracy"])
-    worse = register(model_uri, MODEL, champion_accuracy - 0.01, 0.0, {}, "worse")
+    worse = register(model_uri, MODEL, Scores(champion_accuracy - 0.01), Gate(), {}, "worse")
     assert (worse.version, worse.promoted, worse.champion_version) == (2, False, 1)
     assert "kept as challenger" in worse.reason
     assert int(client.get_model_version_by_alias(MODEL, CHALLENGER).version) == 2
-    assert client.get_model_version(MODEL, "2").tags["promotion"].startswith("rejected")
+    rejected = client.get_model_version(MODEL, "2")
+    assert rejected.tags["promotion"].startswith("rejected")
+    assert rejected.tags[GATE_TAG] == "failed" and rejected.tags["gate.champion"] == "1"
+    assert "Gate: test rule" in rejected.description
 
-    tie = register(model_uri, MODEL, champion_accuracy, 0.0, {}, "tie")
+    tie = register(model_uri, MODEL, Scores(champion_accuracy), Gate(), {}, "tie")
     assert not tie.promoted
 
-    better = register(model_uri, MODEL, champion_accuracy + 0.001, 0.0, {}, "better")
+    better = register(model_uri, MODEL, Scores(champion_accuracy + 0.001), Gate(), {}, "better")
     assert (better.version, better.promoted) == (4, True)
     assert int(client.get_model_version_by_alias(MODEL, CHAMPION).version) == 4
 
-    margin = register(model_uri, MODEL, champion_accuracy + 0.002, 0.01, {}, "within margin")
+    margin = register(
+        model_uri, MODEL, Scores(champion_accuracy + 0.002), Gate(margin=0.01), {}, "margin"
+    )
     assert not margin.promoted
+
+    # A stale writer (an evaluator that read before v4 existed) moves the alias
+    # back to v1; the next reconciliation puts it on the best eligible version.
+    client.set_registered_model_alias(MODEL, CHAMPION, "1")
+    assert str(reconcile(client, MODEL).version) == "4"
+    assert str(client.get_model_version_by_alias(MODEL, CHAMPION).version) == "4"
+    # A version revoked by hand is out of the running.
+    client.set_model_version_tag(MODEL, "4", GATE_TAG, REVOKED)
+    assert str(reconcile(client, MODEL).version) == "1"
 
     champion = mlflow.pyfunc.load_model(f"models:/{MODEL}@{CHAMPION}")
     assert champion.metadata.get_input_schema().inputs[0].shape == (-1, 28, 28)

@@ -1,5 +1,6 @@
-"""The monitoring wing's commands: `monitor` (one drift check), `feedback` (true digits from a
-CSV) and `monitoring` (Prometheus and Alertmanager in the foreground)."""
+"""The monitoring wing's commands: `monitor` (one drift check), `feedback record` (true digits
+from a CSV), `feedback snapshot` (labelled traffic as DVC-versioned data) and `monitoring`
+(Prometheus and Alertmanager in the foreground)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from mnist_mlops.paths import MONITORING_CONFIG_DIR, MONITORING_REPORTS_DIR, inference_log_dir
+from mnist_mlops.paths import (
+    FEEDBACK_SNAPSHOT_FILE,
+    MONITORING_CONFIG_DIR,
+    MONITORING_REPORTS_DIR,
+    inference_log_dir,
+)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -46,16 +52,33 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     monitor.set_defaults(run=run_monitor)
 
     feedback = commands.add_parser(
-        "feedback", help="record true digits from a CSV (request_id,position,digit)"
+        "feedback", help="true digits: record them from a CSV, snapshot them as training data"
     )
-    feedback.add_argument("labels", type=Path, metavar="CSV", help="the true digits")
-    feedback.add_argument(
-        "--log-dir",
+    actions = feedback.add_subparsers(dest="action", metavar="ACTION", required=True)
+    record = actions.add_parser(
+        "record", help="record true digits from a CSV (request_id,position,digit)"
+    )
+    record.add_argument("labels", type=Path, metavar="CSV", help="the true digits")
+    snapshot = actions.add_parser(
+        "snapshot",
+        help="write the served images that have true digits to data/feedback (dvc add)",
+    )
+    snapshot.add_argument(
+        "--output",
         type=Path,
-        default=inference_log_dir(),
-        help="the inference log's folder (%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
+        default=FEEDBACK_SNAPSHOT_FILE,
+        help="the snapshot, merged with what it already holds",
     )
-    feedback.set_defaults(run=record_feedback)
+    for action in (record, snapshot):
+        action.add_argument(
+            "--log-dir",
+            type=Path,
+            default=inference_log_dir(),
+            help="the inference log's folder "
+            "(%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
+        )
+    record.set_defaults(run=record_feedback)
+    snapshot.set_defaults(run=snapshot_feedback)
 
     watch = commands.add_parser(
         "monitoring", help="run Prometheus and Alertmanager on 127.0.0.1 for the model servers"
@@ -101,12 +124,29 @@ def record_feedback(arguments: argparse.Namespace) -> int:
     try:
         rows = read_labels(arguments.labels)
     except FeedbackError as error:
-        print(f"mnist-mlops feedback: {error}", file=sys.stderr)
+        print(f"mnist-mlops feedback record: {error}", file=sys.stderr)
         return 2
     if not arguments.log_dir.is_dir():
-        print(f"mnist-mlops feedback: no inference log at {arguments.log_dir}", file=sys.stderr)
+        print(
+            f"mnist-mlops feedback record: no inference log at {arguments.log_dir}",
+            file=sys.stderr,
+        )
         return 2
     print(record(arguments.log_dir, rows))
+    return 0
+
+
+def snapshot_feedback(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.monitoring.snapshot import SnapshotError, snapshot
+
+    try:
+        summary = snapshot(arguments.log_dir, arguments.output)
+    except SnapshotError as error:
+        print(f"mnist-mlops feedback snapshot: {error}", file=sys.stderr)
+        return 1
+    print(summary)
+    if summary.rows:
+        print(f"to pin it: git add {arguments.output}.dvc && git commit; then `dvc push`")
     return 0
 
 

@@ -109,14 +109,19 @@ class InferenceLog:
 
     # The request path: enqueue and return.
 
-    def submit_rows(self, request_id: str, images: np.ndarray, answers: list[dict]) -> bool:
+    def submit_rows(
+        self, request_id: str, images: np.ndarray, answers: list[dict], version: str | None = None
+    ) -> bool:
         """Queue one request's images and the model's answers (digit and probabilities each).
 
+        `version` is the model version that answered (a server that follows an
+        alias swaps versions); by default the one the log was opened with.
         False when the request was sampled out or its rows dropped.
         """
         if self.settings.sample_rate < 1 and random.random() >= self.settings.sample_rate:
             return False
-        return self._put((ROWS, request_id, time.time(), images, answers), len(images))
+        version = self.model_version if version is None else version
+        return self._put((ROWS, request_id, time.time(), images, answers, version), len(images))
 
     def submit_feedback(self, request_id: str, digits: list[int]) -> bool:
         return self._put((FEEDBACK, request_id, time.time(), digits), 0)
@@ -149,12 +154,16 @@ class InferenceLog:
                 self._housekeeping()
 
     def _write(self, batch: list[tuple]) -> None:
-        rows = [item for item in batch if item[0] == ROWS]
+        # One file per model version: a file names the version that answered its rows.
+        by_version: dict[str, list[tuple]] = {}
+        for item in batch:
+            if item[0] == ROWS:
+                by_version.setdefault(item[5], []).append(item)
         feedback = [item for item in batch if item[0] == FEEDBACK]
-        count = sum(len(item[3]) for item in rows)
-        if rows:
+        for version, rows in by_version.items():
+            count = sum(len(item[3]) for item in rows)
             try:
-                self._save(ROWS, self._rows_arrays(rows))
+                self._save(ROWS, self._rows_arrays(rows, version))
                 self.on_written(count)
             except (OSError, ValueError) as error:
                 self._dropped(count, f"cannot write the inference log: {error}")
@@ -164,7 +173,7 @@ class InferenceLog:
             except (OSError, ValueError) as error:
                 self._dropped(0, f"cannot write feedback to the inference log: {error}")
 
-    def _rows_arrays(self, rows: list[tuple]) -> dict[str, np.ndarray]:
+    def _rows_arrays(self, rows: list[tuple], version: str) -> dict[str, np.ndarray]:
         images = np.concatenate([np.asarray(item[3], dtype=np.float32) for item in rows])
         pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
         arrays = {
@@ -176,7 +185,7 @@ class InferenceLog:
             ),
             "features": image_features(pixels),
             "model_name": np.array(self.model_name),
-            "model_version": np.array(self.model_version),
+            "model_version": np.array(version),
         }
         arrays["digit"] = arrays["probabilities"].argmax(axis=1).astype(np.int8)
         if self.settings.pixels:

@@ -1,4 +1,5 @@
-"""The pipeline's commands: one per DVC stage, each the `cmd` of its stage in dvc.yaml.
+"""The pipeline's commands: one per DVC stage, each the `cmd` of its stage in dvc.yaml, and
+`retrain` (the feedback snapshot, then `dvc repro`).
 
 A stage's config is read from params.yaml and validated before any stage code
 (and TensorFlow) loads.
@@ -12,7 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from mnist_mlops.paths import PARAMS_FILE
+from mnist_mlops.paths import PARAMS_FILE, inference_log_dir
 
 STAGES = {
     "fetch": "download MNIST into data/raw and verify it",
@@ -27,6 +28,31 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         command = commands.add_parser(stage, help=help_text, description=help_text)
         command.add_argument("--params", type=Path, default=PARAMS_FILE, help="the composed config")
         command.set_defaults(run=run)
+    again = commands.add_parser(
+        "retrain",
+        help="snapshot the feedback, `dvc repro`, and say what the promotion gate decided",
+    )
+    again.add_argument(
+        "--log-dir",
+        type=Path,
+        default=inference_log_dir(),
+        help="the inference log's folder (%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
+    )
+    again.set_defaults(run=retrain)
+
+
+def retrain(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.monitoring.snapshot import SnapshotError
+    from mnist_mlops.pipeline.retrain import RetrainError
+    from mnist_mlops.pipeline.retrain import retrain as run_retrain
+
+    try:
+        retraining = run_retrain(arguments.log_dir)
+    except (SnapshotError, RetrainError) as error:
+        print(f"mnist-mlops retrain: {error}", file=sys.stderr)
+        return 1
+    print(retraining.report())
+    return 0
 
 
 def run(arguments: argparse.Namespace) -> int:

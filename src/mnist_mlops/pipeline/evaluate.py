@@ -9,6 +9,10 @@ prediction as a CSV that DVC draws as a confusion matrix, and the test
 images the model got most confidently wrong (reports/mistakes.png, a DVC
 image plot); logs the same numbers and both images to the MLflow run that
 trained the model, with a one-line description of the run.
+
+With a recent split (the newest feedback, see preprocess) it also reports
+recent_accuracy, scores the champion on the same images, and the gate
+judges by both (tracking/registry.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -40,11 +46,18 @@ from mnist_mlops.paths import (
     RUN_FILE,
 )
 from mnist_mlops.pipeline.figures import confusion_image, mistakes_image
-from mnist_mlops.pipeline.preprocess import load_split
+from mnist_mlops.pipeline.preprocess import has_split, load_split
+from mnist_mlops.serving.follow import KNOWN_DIGITS_ARTIFACT, known_digits
 from mnist_mlops.tracking import ui
-from mnist_mlops.tracking.registry import register
+from mnist_mlops.tracking.registry import (
+    Gate,
+    Scores,
+    current_champion,
+    recorded_scores,
+    register,
+)
 from mnist_mlops.tracking.runs import active_run
-from mnist_mlops.tracking.store import project_lock, use_experiment
+from mnist_mlops.tracking.store import use_experiment
 
 # Keras clips probabilities to this before taking logs in its cross-entropy.
 _EPSILON = 1e-7
@@ -100,9 +113,9 @@ def served_probabilities(config: Config, images: np.ndarray) -> np.ndarray:
 
 
 def evaluate(config: Config) -> dict[str, float]:
-    """Evaluate the served model file on the test split, register it, apply the promotion gate.
+    """Evaluate the served model file on the test (and recent) split, register it, gate it.
 
-    Returns test_accuracy and test_loss.
+    Returns test_accuracy, test_loss, recent_examples and, with a recent split, recent_accuracy.
     """
     import mlflow
 
@@ -112,6 +125,16 @@ def evaluate(config: Config) -> dict[str, float]:
     probabilities = served_probabilities(config, images)
     result = score(labels, probabilities)
     metrics = {name: result[name] for name in ("test_accuracy", "test_loss")}
+    recent_images, recent_labels = load_split("recent") if has_split("recent") else (None, None)
+    metrics["recent_examples"] = 0 if recent_labels is None else len(recent_labels)
+    if metrics["recent_examples"]:
+        recent_predicted = served_probabilities(config, recent_images).argmax(axis=1)
+        metrics["recent_accuracy"] = float((recent_predicted == recent_labels).mean())
+    scores = Scores(
+        metrics["test_accuracy"], metrics.get("recent_accuracy"), metrics["recent_examples"]
+    )
+    # The champion is judged on the same recent images, before this version exists.
+    champion = champion_scores(config, recent_images, recent_labels)
 
     validation_images, _labels = load_split("validation")
     reference = reference_profile(
@@ -134,7 +157,10 @@ def evaluate(config: Config) -> dict[str, float]:
         mlflow.log_image(confusion_image(result["confusion_matrix"]), "confusion_matrix.png")
         mlflow.log_dict(per_class, "per_class_accuracy.json")
         mlflow.log_artifact(str(REFERENCE_FILE), REFERENCE_ARTIFACT_DIR)
-        registration = _register(config, run, metrics["test_accuracy"], images[:1])
+        log_known_digits(images, labels, result["predicted"])
+        if champion[1] is not None and champion[1].recent_accuracy is not None:
+            mlflow.log_metric("champion_recent_accuracy", champion[1].recent_accuracy)
+        registration = _register(config, run, scores, champion, images[:1])
         mlflow.set_tags(
             {
                 "registry.version": str(registration.version),
@@ -152,12 +178,19 @@ def evaluate(config: Config) -> dict[str, float]:
             "version": registration.version,
             "promoted": registration.promoted,
             "champion_version": registration.champion_version,
+            "reason": registration.reason,
+            "before": _before(champion),
         },
     )
     write_json(METRICS_FILE, metrics)
+    recent = (
+        f", recent_accuracy {metrics['recent_accuracy']:.4f} on {metrics['recent_examples']}"
+        if metrics["recent_examples"]
+        else ""
+    )
     print(
-        f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f} "
-        f"(MLflow run {run_id})\n"
+        f"test_accuracy {metrics['test_accuracy']:.4f}, test_loss {metrics['test_loss']:.4f}"
+        f"{recent} (MLflow run {run_id})\n"
         f"registered {registration.model_name} v{registration.version}: {registration.reason}"
     )
     return metrics
@@ -175,8 +208,56 @@ def _run_note(config: Config, run, test_accuracy: float) -> str:
     )
 
 
-def _register(config: Config, run, test_accuracy: float, example: np.ndarray):
-    """Log the servable classifier to the run and register it behind the promotion gate."""
+def champion_scores(config: Config, images, labels) -> tuple:
+    """(the champion, its Scores on this evaluation's splits); (None, None) without one.
+
+    Its test accuracy is the one it was registered with (the test split does
+    not change); on the recent split it is scored now, by its own runtime
+    (ONNX Runtime for an ONNX champion).
+    """
+    import mlflow
+
+    champion = current_champion(mlflow.MlflowClient(), config.registry.model_name)
+    if champion is None:
+        return None, None
+    recorded = recorded_scores(champion)
+    if labels is None or not len(labels):
+        return champion, Scores(recorded.test_accuracy)
+    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
+    batch = config.serving.max_batch_size
+    digits = [
+        answer["digit"]
+        for start in range(0, len(images), batch)
+        for answer in model.predict(images[start : start + batch].astype(np.float32))
+    ]
+    accuracy = float((np.array(digits) == labels).mean())
+    return champion, Scores(recorded.test_accuracy, accuracy, len(labels))
+
+
+def log_known_digits(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> None:
+    """Log one correctly classified test image per digit: what a server checks a new version on."""
+    import mlflow
+
+    chosen = known_digits(images, labels, predicted)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / Path(KNOWN_DIGITS_ARTIFACT).name
+        np.savez(path, images=images[chosen], labels=labels[chosen])
+        mlflow.log_artifact(str(path), str(Path(KNOWN_DIGITS_ARTIFACT).parent))
+
+
+def _before(champion: tuple) -> dict:
+    version, scores = champion
+    if version is None:
+        return {}
+    before = {"version": int(version.version), "test_accuracy": scores.test_accuracy}
+    if scores.recent_accuracy is not None:
+        before["recent_accuracy"] = scores.recent_accuracy
+    return before
+
+
+def _register(config: Config, run, scores: Scores, champion: tuple, example: np.ndarray):
+    """Log the servable classifier to the run, register it, and let the gate and reconciliation
+    decide the champion (tracking/registry.py, tracking/promotion.py)."""
     tags = dict(run.data.tags) if run.data.tags else {}
     provenance = {
         "run_id": run.info.run_id,
@@ -195,20 +276,25 @@ def _register(config: Config, run, test_accuracy: float, example: np.ndarray):
         "onnx": "ONNX Runtime on the ONNX export (checked against Keras; no TensorFlow)",
         "keras": "Keras on TensorFlow",
     }[runtime]
+    recent = (
+        f", recent_accuracy {scores.recent_accuracy:.4f} on {scores.recent_examples} images"
+        if scores.recent_accuracy is not None
+        else ""
+    )
     description = (
         f"{config.model_name} trained for {config.train.epochs} epochs on MNIST "
         f"(processed data {provenance['data.digest'][:12]}) at commit "
-        f"{provenance['git.commit'][:12]}; test_accuracy {test_accuracy:.4f}. "
+        f"{provenance['git.commit'][:12]}; test_accuracy {scores.test_accuracy:.4f}{recent}. "
         f"Served by {served_by}. MLflow run {run.info.run_id}."
     )
-    # Queued experiments evaluate side by side: reading the champion and moving
-    # the alias must not interleave, or a worse model could be promoted last.
-    with project_lock("registry"):
-        return register(
-            model_info.model_uri,
-            config.registry.model_name,
-            test_accuracy,
-            config.registry.promotion_margin,
-            provenance,
-            description,
-        )
+    # No lock: evaluators on any machine may register at once, and
+    # reconciliation leaves the best eligible version champion whatever the order.
+    return register(
+        model_info.model_uri,
+        config.registry.model_name,
+        scores,
+        Gate(config.registry.promotion_margin, config.registry.test_tolerance),
+        provenance,
+        description,
+        champion=champion,
+    )

@@ -1,10 +1,17 @@
-"""Stage `preprocess`: validate the raw MNIST files and split off a validation set.
+"""Stage `preprocess`: validate the raw MNIST files, split off a validation set, add feedback.
 
 Reads data/raw (either `mnist.npz` or the four IDX files), checks shapes,
 types and labels, holds out a stratified validation set, and writes one
 uncompressed `.npz` per split to data/processed, with a manifest that records
 the counts and the digest of the arrays (the data version every run logs).
 Pixels stay raw uint8 in 0–255: the scaling is part of the model.
+
+With a feedback snapshot (data/feedback, served images with true digits),
+the newest `feedback.recent_fraction` of it by serving time becomes the
+`recent` split, which evaluate scores and training never sees, and the older
+part joins the training split with the sample weight `feedback.weight`.
+Without one, the splits and their digest are exactly what they were before
+feedback existed.
 """
 
 import gzip
@@ -17,8 +24,11 @@ import numpy as np
 
 from mnist_mlops.atomic import atomic_directory
 from mnist_mlops.config import Config
-from mnist_mlops.model.architectures import IMAGE_SHAPE, NUM_CLASSES
+from mnist_mlops.model.architectures import NUM_CLASSES
+from mnist_mlops.model.digits import DataError, check_split
+from mnist_mlops.monitoring.snapshot import SnapshotError, load_snapshot
 from mnist_mlops.paths import (
+    FEEDBACK_SNAPSHOT_FILE,
     PROCESSED_DATA_DIR,
     PROCESSED_MANIFEST,
     RAW_DATA_DIR,
@@ -30,10 +40,6 @@ IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 
 Split = tuple[np.ndarray, np.ndarray]
-
-
-class DataError(ValueError):
-    """Raw data that is not valid MNIST."""
 
 
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
@@ -96,29 +102,6 @@ def read_raw(raw_dir: Path = RAW_DATA_DIR) -> tuple[Split, Split]:
     )
 
 
-def check_split(name: str, images: np.ndarray, labels: np.ndarray, expected: int | None) -> None:
-    """Raise DataError unless this is a well-formed MNIST split."""
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-        raise DataError(
-            f"{name} images: expected uint8 of shape (N, 28, 28), "
-            f"got {images.dtype} of shape {images.shape}"
-        )
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(
-            f"{name} labels: expected integers of shape (N,), "
-            f"got {labels.dtype} of shape {labels.shape}"
-        )
-    if len(images) != len(labels):
-        raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
-        raise DataError(
-            f"{name} labels: {len(bad)} outside 0–{NUM_CLASSES - 1} (e.g. {int(bad[0])})"
-        )
-    if expected is not None and len(labels) != expected:
-        raise DataError(f"{name}: expected {expected} examples, got {len(labels)}")
-
-
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     """Indices (train, validation), holding out `fraction` of every class, reproducibly.
 
@@ -145,40 +128,85 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.flatnonzero(train_mask), validation_indices
 
 
-def digest(splits: dict[str, Split]) -> str:
+def digest(splits: dict[str, Split], weights: np.ndarray | None = None) -> str:
     """A content digest of the processed arrays: the data version recorded with every run."""
     hasher = hashlib.sha256()
     for name in sorted(splits):
         for array in splits[name]:
             hasher.update(f"{name}:{array.dtype}:{array.shape};".encode())
             hasher.update(np.ascontiguousarray(array).tobytes())
+    if weights is not None:
+        hasher.update(f"weights:{weights.dtype}:{weights.shape};".encode())
+        hasher.update(np.ascontiguousarray(weights).tobytes())
     return hasher.hexdigest()
 
 
-def preprocess(config: Config, raw_dir: Path = RAW_DATA_DIR) -> dict:
-    """Validate and split the raw data into PROCESSED_DATA_DIR; return the manifest."""
+def split_feedback(snapshot: dict[str, np.ndarray], recent_fraction: float) -> tuple[Split, Split]:
+    """(older, recent): the snapshot's newest round(fraction × rows) rows are the recent split.
+
+    The snapshot is in serving-time order, so the recent split is the traffic
+    the next model will meet soonest, and no recent image is older than a
+    training one.
+    """
+    images, labels = snapshot["images"], snapshot["labels"].astype(np.uint8)
+    recent = round(len(labels) * recent_fraction)
+    boundary = len(labels) - recent
+    return (images[:boundary], labels[:boundary]), (images[boundary:], labels[boundary:])
+
+
+def preprocess(
+    config: Config, raw_dir: Path = RAW_DATA_DIR, feedback_file: Path = FEEDBACK_SNAPSHOT_FILE
+) -> dict:
+    """Validate and split the raw data and the feedback into PROCESSED_DATA_DIR.
+
+    Returns the manifest.
+    """
     (train_images, train_labels), (test_images, test_labels) = read_raw(raw_dir)
     check_split("train", train_images, train_labels, config.data.train_examples)
     check_split("test", test_images, test_labels, config.data.test_examples)
+    try:
+        snapshot = load_snapshot(feedback_file)
+    except SnapshotError as error:
+        raise DataError(str(error)) from None
     train_indices, validation_indices = stratified_split(
         train_labels, config.train.validation_fraction, config.train.seed
     )
+    (older_images, older_labels), recent = split_feedback(snapshot, config.feedback.recent_fraction)
     splits = {
-        "train": (train_images[train_indices], train_labels[train_indices].astype(np.uint8)),
+        "train": (
+            np.concatenate([train_images[train_indices], older_images]),
+            np.concatenate([train_labels[train_indices].astype(np.uint8), older_labels]),
+        ),
         "validation": (
             train_images[validation_indices],
             train_labels[validation_indices].astype(np.uint8),
         ),
         "test": (test_images, test_labels.astype(np.uint8)),
     }
+    if len(snapshot["labels"]):
+        splits["recent"] = recent
+    weights = None
+    if len(older_labels) and config.feedback.weight != 1:
+        weights = np.ones(len(splits["train"][1]), dtype=np.float32)
+        weights[len(train_indices) :] = config.feedback.weight
     manifest = {
-        "digest": digest(splits),
+        "digest": digest(splits, weights),
         "examples": {name: len(labels) for name, (_images, labels) in splits.items()},
         "format": "mnist.npz" if (raw_dir / NPZ_FILE).exists() else "idx",
     }
+    if len(snapshot["labels"]):
+        manifest["feedback"] = {
+            "snapshot_rows": len(snapshot["labels"]),
+            "train": len(older_labels),
+            "recent": len(recent[1]),
+            "weight": config.feedback.weight,
+        }
     with atomic_directory(PROCESSED_DATA_DIR) as staging:
         for name, (images, labels) in splits.items():
-            np.savez(staging / processed_split_file(name).name, images=images, labels=labels)
+            arrays = {"images": images, "labels": labels}
+            if name == "train" and weights is not None:
+                arrays["weights"] = weights
+            np.savez(staging / processed_split_file(name).name, **arrays)
         (staging / PROCESSED_MANIFEST.name).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -187,6 +215,16 @@ def load_split(split: str) -> Split:
     """The (images, labels) of one processed split."""
     with np.load(processed_split_file(split), allow_pickle=False) as archive:
         return archive["images"], archive["labels"]
+
+
+def load_weights(split: str) -> np.ndarray | None:
+    """The sample weights of a split, or None when every example counts once."""
+    with np.load(processed_split_file(split), allow_pickle=False) as archive:
+        return archive["weights"] if "weights" in archive.files else None
+
+
+def has_split(split: str) -> bool:
+    return processed_split_file(split).exists()
 
 
 def load_manifest() -> dict:

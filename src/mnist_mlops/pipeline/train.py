@@ -32,7 +32,7 @@ from mnist_mlops.paths import (
     RUN_FILE,
     TRAINING_CURVES_FILE,
 )
-from mnist_mlops.pipeline.preprocess import load_manifest, load_split
+from mnist_mlops.pipeline.preprocess import load_manifest, load_split, load_weights
 from mnist_mlops.tracking.runs import active_run, log_dataset, provenance_tags, termination_deferred
 from mnist_mlops.tracking.store import use_experiment
 
@@ -93,7 +93,8 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
     keras = import_keras()
     train_images, train_labels = load_split("train")
     validation_images, validation_labels = load_split("validation")
-    data_digest = load_manifest()["digest"]
+    manifest = load_manifest()
+    data_digest = manifest["digest"]
 
     # Under `dvc exp run` the MLflow run takes the DVC experiment's name. The
     # run starts before the seed is set, because MLflow draws its generated
@@ -109,13 +110,20 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
         network = build_model(config.model, config.optimizer)
         mlflow.log_params(config.flat_params())
         mlflow.set_tags({**provenance_tags(data_digest), "serving.runtime": config.serving.runtime})
+        if "feedback" in manifest:
+            feedback = manifest["feedback"]
+            mlflow.set_tags({f"data.feedback.{key}": str(value) for key, value in feedback.items()})
         log_dataset(
             mlflow.data.from_numpy(train_images, name="mnist-train", digest=data_digest[:16]),
             context="training",
         )
         started = time.perf_counter()
         history = fit(
-            config, network, (train_images, train_labels), (validation_images, validation_labels)
+            config,
+            network,
+            (train_images, train_labels),
+            (validation_images, validation_labels),
+            weights=load_weights("train"),
         )
         fit_seconds = time.perf_counter() - started
         mlflow.log_metric("fit_seconds", fit_seconds)
@@ -147,12 +155,18 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
     return final
 
 
-def fit(config: Config, network, training, validation, callbacks=(), verbose: int = 2):
-    """Fit `network` on (images, labels) pairs; every epoch's metrics go to the active run."""
+def fit(
+    config: Config, network, training, validation, callbacks=(), verbose: int = 2, weights=None
+):
+    """Fit `network` on (images, labels) pairs; every epoch's metrics go to the active run.
+
+    `weights` are per-example sample weights (the feedback's), None when all count once.
+    """
     images, labels = training
     return network.fit(
         images,
         labels,
+        sample_weight=weights,
         validation_data=validation,
         epochs=config.train.epochs,
         batch_size=config.train.batch_size,

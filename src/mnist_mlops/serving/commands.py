@@ -57,6 +57,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default=24 * 7,
         help="log files older than this are removed",
     )
+    serving.add_argument(
+        "--follow-seconds",
+        type=float,
+        default=30.0,
+        help="for a models:/NAME@ALIAS URI, check the alias this often and swap a new version "
+        "in without a restart (0: never)",
+    )
     serving.set_defaults(run=serve)
 
     client = commands.add_parser("predict", help="classify digit images with the served model")
@@ -126,8 +133,13 @@ def serve(arguments: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"mnist-mlops serve: {error}", file=sys.stderr)
         return 2
+    if arguments.follow_seconds < 0:
+        print("mnist-mlops serve: --follow-seconds must be 0 or more", file=sys.stderr)
+        return 2
     observation = Observation(metrics=not arguments.no_metrics, log=log)
-    return run_server(arguments.model_uri, arguments.host, arguments.port, observation)
+    return run_server(
+        arguments.model_uri, arguments.host, arguments.port, observation, arguments.follow_seconds
+    )
 
 
 def predict(arguments: argparse.Namespace) -> int:

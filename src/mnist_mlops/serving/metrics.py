@@ -84,7 +84,26 @@ class ServerMetrics:
             ["outcome"],
             registry=self.registry,
         )
-        Info(f"{prefix}_model", "The model this server serves", registry=self.registry).info(
+        self.model = Info(f"{prefix}_model", "The model this server serves", registry=self.registry)
+        self._describe(model)
+        self.swaps = Counter(
+            f"{prefix}_model_swaps",
+            "New versions of a followed alias: swapped in, or refused (failed to load or answer)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("swapped", "refused"):
+            self.swaps.labels(outcome=outcome)
+        self._digits = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
+        self._children: dict[tuple[str, int], tuple] = {}
+
+    def now_serving(self, model: ServedModel) -> None:
+        """A swap: `model` is served from now on."""
+        self.swaps.labels(outcome="swapped").inc()
+        self._describe(model)
+
+    def _describe(self, model: ServedModel) -> None:
+        self.model.info(
             {
                 "name": model.name,
                 "version": model.version,
@@ -93,8 +112,6 @@ class ServerMetrics:
                 "uri": model.uri,
             }
         )
-        self._digits = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
-        self._children: dict[tuple[str, int], tuple] = {}
 
     def request(self, path: str, status: int, seconds: float) -> None:
         label = path if path in KNOWN_PATHS else "other"

@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from mnist_mlops.monitoring.inference_log import REQUEST_ID
 from mnist_mlops.serving.proxy import MAX_FEEDBACK_BYTES
@@ -63,6 +64,11 @@ def observe(app, model, served, metrics: bool, log_settings):
             on_dropped=server_metrics.log_dropped.inc if server_metrics else _ignore,
         )
         index = RequestIndex(log_settings.directory)
+    _wrap_predict(model)
+    return ObservedApp(Serving(app, served), server_metrics, log, index)
+
+
+def _wrap_predict(model) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -73,36 +79,67 @@ def observe(app, model, served, metrics: bool, log_settings):
             "counted nor logged",
             file=sys.stderr,
         )
-    return ObservedApp(app, server_metrics, log, index)
 
 
 def _ignore(_rows: int) -> None:
     pass
 
 
+@dataclass(frozen=True)
+class Serving:
+    """The scoring app and what it serves: replaced as one, by one assignment, on a swap."""
+
+    app: object
+    served: object
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """`X-Model-Version: NAME/VERSION` for a registered version; nothing otherwise."""
+        name, version = self.served.name, self.served.version
+        return [(b"x-model-version", f"{name}/{version}".encode())] if version else []
+
+
 class ObservedApp:
-    def __init__(self, app, metrics, log, index) -> None:
-        self.app, self.metrics, self.log, self.index = app, metrics, log, index
+    def __init__(self, current: Serving, metrics, log, index) -> None:
+        self.current, self.metrics, self.log, self.index = current, metrics, log, index
+        self.follower = None
         self._recent: OrderedDict[str, int] = OrderedDict()
         self._feedback_seen: OrderedDict[str, None] = OrderedDict()
 
+    def swap(self, app, model, served) -> None:
+        """Serve `model` from the next request on; requests in flight finish on the old one."""
+        _wrap_predict(model)
+        if self.metrics is not None:
+            self.metrics.now_serving(served)
+        self.current = Serving(app, served)
+
+    def refused(self) -> None:
+        if self.metrics is not None:
+            self.metrics.swaps.labels(outcome="refused").inc()
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, self._closing_on_shutdown(send))
+            await self.current.app(scope, receive, self._closing_on_shutdown(send))
             return
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.current.app(scope, receive, send)
             return
         started = time.perf_counter()
         path = scope["path"]
         status = 500
         request_id = _request_id(scope)
+        # The version that answers this request, whatever is swapped in meanwhile.
+        current = self.current
 
         async def answer(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                    *current.headers,
+                ]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -114,31 +151,35 @@ class ObservedApp:
             elif path == "/feedback":
                 await self._feedback(scope, receive, answer)
             else:
-                await self.app(scope, receive, answer)
+                await current.app(scope, receive, answer)
         finally:
             _ANSWERS.reset(token)
             if self.metrics is not None:
                 self.metrics.request(path, status, time.perf_counter() - started)
         if status == 200 and answers:
-            self._answered(request_id, answers)
+            self._answered(request_id, answers, current.served.version)
 
-    def _answered(self, request_id: str, answers: list) -> None:
+    def _answered(self, request_id: str, answers: list, version: str) -> None:
         for images, predictions in answers:
             if self.metrics is not None:
                 self.metrics.answered(predictions)
-            if self.log is not None and self.log.submit_rows(request_id, images, predictions):
+            if self.log is not None and self.log.submit_rows(
+                request_id, images, predictions, version
+            ):
                 self._recent[request_id] = len(images)
                 if len(self._recent) > RECENT_REQUESTS:
                     self._recent.popitem(last=False)
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         if self.log is not None:
             self.log.close()
 
     def _closing_on_shutdown(self, send):
         async def closing(message) -> None:
-            if message["type"] == "lifespan.shutdown.complete" and self.log is not None:
-                await asyncio.to_thread(self.log.close)
+            if message["type"] == "lifespan.shutdown.complete":
+                await asyncio.to_thread(self.close)
             await send(message)
 
         return closing

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mnist_mlops.monitoring.inference_log import LogSettings
 from mnist_mlops.paths import MLFLOW_DB_NAME, project_root
+from mnist_mlops.serving.follow import Follower, alias_of
 from mnist_mlops.tracking.registry import registered_version
 from mnist_mlops.tracking.store import TRACKING_URI_ENV, embedded_store, tracking_uri
 
@@ -39,8 +40,12 @@ class Observation:
     log: LogSettings | None = None
 
 
-def load_app(model_uri: str, observation: Observation = Observation()):
-    """MLflow's scoring-server app around the model at `model_uri`, observed as asked."""
+def load_app(model_uri: str, observation: Observation = Observation(), follow_seconds: float = 0):
+    """MLflow's scoring-server app around the model at `model_uri`, observed as asked.
+
+    With `follow_seconds` and a `models:/NAME@ALIAS` URI, the app follows the
+    alias (follow.py): it checks it that often and swaps a new version in.
+    """
     database = project_root() / MLFLOW_DB_NAME
     from_the_store = model_uri.startswith(("models:/", "runs:/"))
     if from_the_store and embedded_store():
@@ -51,33 +56,58 @@ def load_app(model_uri: str, observation: Observation = Observation()):
             )
         check_writable(database)
     os.environ.setdefault(TRACKING_URI_ENV, tracking_uri())
-    import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.pyfunc import scoring_server
 
     try:
-        name, version, runtime = _registered_version(model_uri)
-        # An alias is resolved once, so the version served is the version reported.
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}" if version else model_uri)
+        app, model, served = load_version(model_uri)
     except MlflowException as error:
         reason = error.message.strip().splitlines()[0]
         raise ServeError(
             f"cannot load {model_uri} from {os.environ[TRACKING_URI_ENV]}: {reason}"
         ) from None
-    app = scoring_server.init(model)
-    if not observation.metrics and observation.log is None:
+    followed = alias_of(model_uri) if follow_seconds > 0 else None
+    if not observation.metrics and observation.log is None and followed is None:
         return app
-    from mnist_mlops.serving.metrics import ServedModel
     from mnist_mlops.serving.observed import observe
 
+    observed = observe(app, model, served, observation.metrics, observation.log)
+    if followed is not None:
+        name, alias = followed
+        follower = Follower(
+            name,
+            alias,
+            follow_seconds,
+            served_version=lambda: observed.current.served.version,
+            load=lambda version: load_version(f"models:/{name}/{version}", model_uri),
+            swap=lambda loaded: observed.swap(*loaded),
+            refused=observed.refused,
+        )
+        observed.follower = follower
+        follower.start()
+    return observed
+
+
+def load_version(model_uri: str, served_as: str = ""):
+    """(MLflow's scoring app, the loaded pyfunc, what is served) for one model URI.
+
+    An alias is resolved once, so the version served is the version reported.
+    `served_as` is the URI the server was started with, when it follows one.
+    """
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+
+    from mnist_mlops.serving.metrics import ServedModel
+
+    name, version, runtime = _registered_version(model_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}" if version else model_uri)
     served = ServedModel(
-        uri=model_uri,
+        uri=served_as or model_uri,
         name=name,
         version=version,
         run_id=model.metadata.run_id or "",
         runtime=runtime or ("onnx" if "onnxruntime" in sys.modules else "keras"),
     )
-    return observe(app, model, served, observation.metrics, observation.log)
+    return scoring_server.init(model), model, served
 
 
 def _registered_version(model_uri: str) -> tuple[str, str, str]:
@@ -139,12 +169,18 @@ def import_server_modules() -> None:
         importlib.import_module(name)
 
 
-def serve(model_uri: str, host: str, port: int, observation: Observation = Observation()) -> int:
+def serve(
+    model_uri: str,
+    host: str,
+    port: int,
+    observation: Observation = Observation(),
+    follow_seconds: float = 0,
+) -> int:
     """Serve `model_uri` on host:port until SIGINT or SIGTERM; return the exit status."""
     import uvicorn
 
     try:
-        app = load_app(model_uri, observation)
+        app = load_app(model_uri, observation, follow_seconds)
     except ServeError as error:
         print(f"mnist-mlops serve: {error}", file=sys.stderr)
         return 1

@@ -1,7 +1,9 @@
-"""The model registry: every evaluated model is registered; the best is `champion`.
+"""The model registry: every evaluated model is registered; the best eligible one is `champion`.
 
-The gate is `should_promote`; `register` applies it. A version that does not
-beat the champion gets the alias `challenger` and a tag saying why.
+`judge` is the promotion gate; `register` records its verdict with the new
+version and then calls `reconcile` (promotion.py), which points `champion` at
+the best eligible version whatever order evaluators ran in. A version that
+fails the gate gets the alias `challenger` and a tag saying why.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-CHAMPION = "champion"
+from mnist_mlops.tracking.promotion import CHAMPION, FAILED, GATE_TAG, PASSED, reconcile
+
 CHALLENGER = "challenger"
 REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -32,8 +35,63 @@ def registered_version(model_uri: str):
 
 
 def should_promote(candidate: float, champion: float | None, margin: float) -> bool:
-    """Promote when there is no champion yet, or the candidate beats it by more than `margin`."""
+    """The test rule: no champion yet, or the candidate beats it by more than `margin`."""
     return champion is None or candidate - champion > margin
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A version's accuracy on the test split and, when there is one, on the recent split."""
+
+    test_accuracy: float
+    recent_accuracy: float | None = None
+    recent_examples: int = 0
+
+
+@dataclass(frozen=True)
+class Gate:
+    margin: float = 0.0
+    test_tolerance: float = 0.005
+
+
+@dataclass(frozen=True)
+class Verdict:
+    eligible: bool
+    rule: str
+    reason: str
+
+
+def judge(candidate: Scores, champion: Scores | None, gate: Gate) -> Verdict:
+    """The promotion gate: may `candidate` replace `champion` (both scored on the same splits)?
+
+    With a recent split (served traffic with true digits, newest first), the
+    candidate must beat the champion there by more than the margin and lose at
+    most `test_tolerance` on the test split. Without one, it must beat the
+    champion's test_accuracy by more than the margin.
+    """
+    if champion is None:
+        return Verdict(True, "first", "first version")
+    test, best = candidate.test_accuracy, champion.test_accuracy
+    if candidate.recent_accuracy is None or champion.recent_accuracy is None:
+        beats = should_promote(test, best, gate.margin)
+        verb = "beats" if beats else "does not beat"
+        return Verdict(
+            beats,
+            "test",
+            f"test rule: test_accuracy {test:.4f} {verb} the champion's {best:.4f} "
+            f"by more than {gate.margin:g}",
+        )
+    recent, recent_best = candidate.recent_accuracy, champion.recent_accuracy
+    gains = recent - recent_best > gate.margin
+    keeps = test >= best - gate.test_tolerance
+    return Verdict(
+        gains and keeps,
+        "recent",
+        f"recent rule: on {candidate.recent_examples} recent images {recent:.4f} "
+        f"{'beats' if gains else 'does not beat'} the champion's {recent_best:.4f} "
+        f"by more than {gate.margin:g}, and test_accuracy {test:.4f} "
+        f"{'is' if keeps else 'is not'} within {gate.test_tolerance:g} of its {best:.4f}",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,42 +113,70 @@ def current_champion(client, model_name: str):
         return None
 
 
+def recorded_scores(version) -> Scores:
+    """The scores a version was registered with (its tags)."""
+    recent = version.tags.get("recent_accuracy")
+    return Scores(
+        float(version.tags["test_accuracy"]),
+        float(recent) if recent else None,
+        int(version.tags.get("recent_examples", 0)),
+    )
+
+
 def register(
     model_uri: str,
     model_name: str,
-    test_accuracy: float,
-    margin: float,
+    scores: Scores,
+    gate: Gate,
     tags: dict[str, str],
     description: str,
+    champion: tuple | None = None,
 ) -> Registration:
-    """Register `model_uri` as a new version of `model_name` and apply the promotion gate."""
+    """Register `model_uri` as a new version of `model_name`, judge it, and reconcile `champion`.
+
+    `champion` is the (version, Scores) the candidate was compared with, scored
+    by the caller on the candidate's own splits; by default the current champion
+    and its recorded scores. The verdict is written as tags in the same call
+    that creates the version, so every reader sees a version with its verdict.
+    """
     import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    version_tags = {**tags, "test_accuracy": f"{test_accuracy:.6f}"}
+    if champion is None:
+        held = current_champion(client, model_name)
+        champion = (held, recorded_scores(held)) if held else (None, None)
+    held, held_scores = champion
+    verdict = judge(scores, held_scores, gate)
+    version_tags = {
+        **tags,
+        "test_accuracy": f"{scores.test_accuracy:.6f}",
+        "recent_examples": str(scores.recent_examples),
+        GATE_TAG: PASSED if verdict.eligible else FAILED,
+        "gate.champion": str(held.version) if held else "0",
+        "gate.rule": verdict.rule,
+        "gate.reason": verdict.reason,
+    }
+    if scores.recent_accuracy is not None:
+        version_tags["recent_accuracy"] = f"{scores.recent_accuracy:.6f}"
     created = mlflow.register_model(model_uri, model_name, tags=version_tags)
     version = int(created.version)
-    client.update_model_version(model_name, created.version, description=description)
-
-    champion = current_champion(client, model_name)
-    champion_accuracy = float(champion.tags["test_accuracy"]) if champion else None
-    if should_promote(test_accuracy, champion_accuracy, margin):
-        client.set_registered_model_alias(model_name, CHAMPION, created.version)
-        if champion is None:
-            reason = "first version: promoted to champion"
-        else:
-            reason = (
-                f"test_accuracy {test_accuracy:.4f} beats champion v{champion.version} "
-                f"({champion_accuracy:.4f}) by more than {margin:g}: promoted to champion"
-            )
-        client.set_model_version_tag(model_name, created.version, "promotion", "promoted")
-        return Registration(model_name, version, True, version, reason)
-
-    reason = (
-        f"test_accuracy {test_accuracy:.4f} does not beat champion v{champion.version} "
-        f"({champion_accuracy:.4f}) by more than {margin:g}: kept as challenger"
+    client.update_model_version(
+        model_name, created.version, description=f"{description} Gate: {verdict.reason}."
     )
-    client.set_registered_model_alias(model_name, CHALLENGER, created.version)
-    client.set_model_version_tag(model_name, created.version, "promotion", f"rejected: {reason}")
-    return Registration(model_name, version, False, int(champion.version), reason)
+    if not verdict.eligible:
+        client.set_registered_model_alias(model_name, CHALLENGER, created.version)
+        client.set_model_version_tag(
+            model_name, created.version, "promotion", f"rejected: {verdict.reason}"
+        )
+    winner = reconcile(client, model_name)
+    promoted = int(winner.version) == version
+    if promoted:
+        client.set_model_version_tag(model_name, created.version, "promotion", "promoted")
+    if promoted:
+        reason = f"{verdict.reason}: promoted to champion"
+    elif verdict.eligible:
+        reason = f"{verdict.reason}, but v{winner.version} is better: it stays champion"
+    else:
+        reason = f"{verdict.reason}: kept as challenger; v{winner.version} stays champion"
+    return Registration(model_name, version, promoted, int(winner.version), reason)

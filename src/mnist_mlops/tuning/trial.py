@@ -14,7 +14,7 @@ import time
 
 from mnist_mlops.config import validate
 from mnist_mlops.model.architectures import build_model, import_keras
-from mnist_mlops.pipeline.preprocess import load_split
+from mnist_mlops.pipeline.preprocess import load_split, load_weights
 from mnist_mlops.tracking.runs import termination_deferred
 from mnist_mlops.tuning import study_runs
 from mnist_mlops.tuning.studies import trials_in
@@ -57,6 +57,7 @@ class Objective:
         self.space, self.budget = space, budget
         self.experiment_id, self.parent_run_id, self.digest = experiment_id, parent_run_id, digest
         self.training = load_split("train")
+        self.weights = load_weights("train")
         self.validation = load_split("validation")
 
     def __call__(self, trial) -> float:
@@ -81,7 +82,15 @@ class Objective:
             keras.utils.set_random_seed(config.train.seed)
             network = build_model(config.model, config.optimizer)
             pruning = pruning_callback(trial)
-            history = fit(config, network, self.training, self.validation, [pruning], verbose=0)
+            history = fit(
+                config,
+                network,
+                self.training,
+                self.validation,
+                [pruning],
+                verbose=0,
+                weights=self.weights,
+            )
             epochs = len(history.history["loss"])
             state = "COMPLETE" if pruning.pruned_after is None else "PRUNED"
             with termination_deferred():

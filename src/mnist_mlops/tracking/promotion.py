@@ -1,0 +1,99 @@
+"""Promotion as reconciliation: `champion` ends on the best eligible version, whatever the order.
+
+MLflow has no compare-and-set on an alias, so two evaluators that each read
+the champion and then move the alias can leave the worse one last. Instead:
+
+1. Each version is registered with its gate verdict in the same call that
+   creates it (`gate: passed|failed`, the champion it was judged against,
+   its scores). Versions are never edited afterwards, so the set of eligible
+   versions only grows, and each one's rank never changes.
+2. `rank` orders eligible versions totally, from their tags alone: first by
+   the champion they were judged against (a version that beat a later
+   champion outranks one that beat an earlier one), then by recent accuracy
+   (versions judged on recent traffic first), then test accuracy, then the
+   older version wins a tie.
+3. `reconcile` reads every eligible version, computes the best, points the
+   alias at it if it is not there, and repeats until a read finds the alias
+   already on the best.
+
+Why it converges (reads and writes go to one database, so they happen in
+one order): take the last write to the alias, of version B, by evaluator E.
+E's last step is a read after that write which found the alias on the best
+of the versions it saw, so B is the best of every version registered before
+that read. A version V registered after it is read by its own evaluator only
+after the last write: that evaluator sees the alias on B and V in its set,
+and had V ranked above B it would have written again, which no one did. So
+B is the best of all the versions registered. Retries end once
+registrations stop: evaluators who see the same versions compute the same
+best and never undo each other.
+
+A version is taken out of the running by hand with the tag `gate: revoked`;
+the next evaluation moves the alias off it.
+"""
+
+from __future__ import annotations
+
+CHAMPION = "champion"
+GATE_TAG = "gate"
+PASSED, FAILED, REVOKED = "passed", "failed", "revoked"
+# More evaluators than this racing at once is not a team's registry.
+RECONCILE_ATTEMPTS = 20
+
+
+def eligible(version) -> bool:
+    """A version that passed the gate; before verdict tags, a version that was promoted."""
+    verdict = version.tags.get(GATE_TAG)
+    if verdict is None:
+        return version.tags.get("promotion") == "promoted"
+    return verdict == PASSED
+
+
+def rank(version) -> tuple:
+    """The order of eligible versions: the larger, the better (see the module's text)."""
+    recent = version.tags.get("recent_accuracy")
+    return (
+        int(version.tags.get("gate.champion", 0)),
+        recent is not None,
+        float(recent) if recent is not None else 0.0,
+        float(version.tags.get("test_accuracy", 0.0)),
+        -int(version.version),
+    )
+
+
+def all_versions(client, model_name: str) -> list:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(
+            f"name = '{model_name}'", max_results=1000, page_token=token
+        )
+        versions.extend(page)
+        token = page.token
+        if not token:
+            return versions
+
+
+def best_eligible(client, model_name: str):
+    """The eligible version of highest rank, or None when there is none."""
+    candidates = [version for version in all_versions(client, model_name) if eligible(version)]
+    return max(candidates, key=rank, default=None)
+
+
+def reconcile(client, model_name: str):
+    """Point `champion` at the best eligible version; return it once a read confirms it there."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(RECONCILE_ATTEMPTS):
+        best = best_eligible(client, model_name)
+        if best is None:
+            return None
+        try:
+            holder = client.get_model_version_by_alias(model_name, CHAMPION)
+        except MlflowException:
+            holder = None
+        if holder is not None and str(holder.version) == str(best.version):
+            return best
+        client.set_registered_model_alias(model_name, CHAMPION, best.version)
+    raise RuntimeError(
+        f"the alias {CHAMPION} of {model_name} kept moving under {RECONCILE_ATTEMPTS} "
+        "reconciliations: is something else setting it?"
+    )
