@@ -17,7 +17,7 @@ SEARCH ?= mlp
 TARGETS ?= 127.0.0.1:$(PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
+.PHONY: help install install-spark repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ $(VENV)/.installed: requirements-lock.txt pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv with the locked dependencies
 
+$(VENV)/.spark-installed: $(VENV)/.installed requirements-spark.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-spark.txt
+	touch $@
+
+install-spark: $(VENV)/.spark-installed ## Add pyspark to .venv, for `mnist-mlops score --engine spark`
+
 repro: install ## Run the pipeline end to end (dvc repro)
 	dvc repro
 
@@ -39,10 +45,10 @@ retrain: install ## Snapshot the served feedback into data/feedback, dvc repro, 
 tune: install ## Search hyperparameters with Optuna (STUDY=…, TRIALS=…, SEARCH=mlp|cnn)
 	mnist-mlops tune --study $(STUDY) --trials $(TRIALS) --search $(SEARCH)
 
-test: install lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included
+test: install install-spark lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included
 	pytest
 
-test-fast: install ## Run the tests without the real-data and container ones
+test-fast: install install-spark ## Run the tests without the real-data and container ones
 	pytest -m "not slow and not containers"
 
 lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint)
@@ -82,10 +88,11 @@ proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|bo
 monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
 	mnist-mlops monitoring --targets $(TARGETS)
 
-benchmark: install ## Benchmark the pipeline, the server, a swap, the serving environment's size, tune, monitoring
+benchmark: install install-spark ## Benchmark the pipeline, the server, a swap, batch scoring, the serving environment's size, tune, monitoring
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
 	python benchmarks/swap.py
+	python benchmarks/scoring.py
 	python benchmarks/environment.py
 	python benchmarks/tune.py
 	python benchmarks/monitoring.py

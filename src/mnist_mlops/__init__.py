@@ -14,6 +14,8 @@ The package is a house in wings, one subpackage per concern, on shared ground:
                 log, feedback, drift
     serving/    the model server, its client, its health check, the HTTPS
                 front door          team/  the tracking server on PostgreSQL
+    batch/      `mnist-mlops score`: a Parquet dataset through one registered
+                version, locally or on Apache Spark
     pipeline/   the four DVC stages: fetch, preprocess, train, evaluate
     tuning/     Optuna studies over conf/search/
     __main__    the command line, assembled from each wing's commands.py
@@ -32,6 +34,7 @@ LAYERS = (
     ("tracking",),
     ("monitoring",),
     ("serving", "team"),
+    ("batch",),
     ("pipeline",),
     ("tuning",),
     ("__main__",),

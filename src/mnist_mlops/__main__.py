@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # The order of `mnist-mlops --help`: the lifecycle, from data to the team's server.
-WINGS = ("pipeline", "tracking", "serving", "monitoring", "tuning", "team")
+WINGS = ("pipeline", "tracking", "serving", "batch", "monitoring", "tuning", "team")
 
 
 class DefaultsShown(argparse.HelpFormatter):

@@ -1,0 +1,131 @@
+"""Benchmark: batch scoring of 200,000 real-format images with the champion, three ways.
+
+Writes 200,000 MNIST images (the processed train and test splits, repeated)
+in the batch format to a temporary folder, then runs `mnist-mlops score` on
+them with the local engine, with Spark `local[2]`, and on a standalone master
+and worker that `mnist-mlops spark-cluster` starts on 127.0.0.1. Each prints
+its throughput (from the first batch read to the last row written) apart
+from its start-up (the model loaded; for Spark, the session started and the
+model shipped). Checks that the three outputs hold the same digits and
+probabilities. Needs `make repro` (the champion, data/processed) and
+`make install-spark`.
+
+    python benchmarks/scoring.py [--images 200000]
+"""
+
+import argparse
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+PROJECT = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"scored (\d+) images, rejected (\d+), ([\d,]+) images/s \((.+?); ([\d.]+) s")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def batch_input(path: Path, count: int) -> None:
+    processed = PROJECT / "data" / "processed"
+    with np.load(processed / "train.npz") as train, np.load(processed / "test.npz") as test:
+        images = np.concatenate([train["images"], test["images"]])
+    chosen = images[np.arange(count) % len(images)].reshape(count, -1)
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(count, dtype=np.int64)),
+            "image": pa.array([row.tobytes() for row in chosen], pa.binary()),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def score(source: Path, output: Path, *options: str) -> dict:
+    command = [sys.executable, "-m", "mnist_mlops", "score", str(source), str(output), *options]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise SystemExit(result.stderr)
+    match = LINE.search(result.stdout)
+    return {
+        "engine": match[4],
+        "images": int(match[1]),
+        "rate": float(match[3].replace(",", "")),
+        "startup": float(match[5]),
+        "wall": time.perf_counter() - started,
+    }
+
+
+def outputs_agree(first: Path, second: Path) -> float:
+    """The largest difference in probability between two outputs (digits must be equal)."""
+    tables = [
+        ds.dataset(path, format="parquet").to_table().sort_by("id") for path in (first, second)
+    ]
+    if tables[0].column("digit") != tables[1].column("digit"):
+        raise SystemExit(f"{first} and {second} disagree on digits")
+    columns = [f"probability_{digit}" for digit in range(10)]
+    return max(
+        float(np.abs(tables[0].column(name).to_numpy() - tables[1].column(name).to_numpy()).max())
+        for name in columns
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=200_000)
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        source = folder / "images.parquet"
+        batch_input(source, arguments.images)
+        results = [score(source, folder / "local")]
+        results.append(score(source, folder / "spark", "--engine", "spark", "--master", "local[2]"))
+        port, ui, worker_ui = free_port(), free_port(), free_port()
+        log = folder / "cluster.log"
+        with open(log, "w") as output:
+            cluster = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "mnist_mlops", "spark-cluster", "--port", str(port)),
+                    *("--ui-port", str(ui), "--worker-ui-port", str(worker_ui)),
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            while "with one worker" not in log.read_text():
+                if cluster.poll() is not None:
+                    raise SystemExit(log.read_text())
+                time.sleep(0.5)
+            master = f"spark://127.0.0.1:{port}"
+            results.append(
+                score(source, folder / "standalone", "--engine", "spark", "--master", master)
+            )
+        finally:
+            cluster.terminate()
+            cluster.wait(timeout=60)
+        differences = [
+            outputs_agree(folder / "local", folder / name) for name in ("spark", "standalone")
+        ]
+    local = results[0]["rate"]
+    for result in results:
+        print(
+            f"{result['engine']:<32} {result['rate']:>9,.0f} images/s "
+            f"({result['rate'] / local:.2f}× local), start-up {result['startup']:.1f} s, "
+            f"the whole command {result['wall']:.1f} s"
+        )
+    print(f"identical digits; largest probability difference from local: {max(differences):.1e}")
+
+
+if __name__ == "__main__":
+    main()
