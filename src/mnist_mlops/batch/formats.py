@@ -65,6 +65,30 @@ def input_dataset(path: Path):
     return dataset
 
 
+def parquet_files(path: Path) -> list[Path]:
+    """The Parquet files of INPUT: itself, or those in the folder (not `_…` or `.…` ones)."""
+    if path.is_file():
+        return [path]
+    return sorted(
+        file
+        for file in path.rglob("*")
+        if file.is_file()
+        and not any(part.startswith(("_", ".")) for part in file.relative_to(path).parts)
+    )
+
+
+def read_batches(path: Path, batch_size: int):
+    """The `id` and `image` columns of INPUT in record batches of at most `batch_size` rows.
+
+    Read file by file with pyarrow's ParquetFile: its dataset scanner took 1.3 s
+    for 200,000 images in a fresh process where this takes 0.2 s.
+    """
+    import pyarrow.parquet as pq
+
+    for file in parquet_files(path):
+        yield from pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=[ID, IMAGE])
+
+
 def check_schema(path, types: dict) -> None:
     """The columns `id` and `image` (binary) must be there; other columns are ignored."""
     import pyarrow as pa
@@ -94,6 +118,8 @@ def split_valid(ids, images) -> tuple[np.ndarray, np.ndarray, list[tuple[object,
         reason = reasons[index] or f"image of {int(lengths[index])} bytes, expected {IMAGE_BYTES}"
         rejected.append((ids[int(index)].as_py(), reason))
     valid = np.flatnonzero(good)
+    if len(valid) == len(images):  # the usual batch: nothing to take out, nothing copied
+        return valid, pixels_of(images), rejected
     return valid, pixels_of(images.take(valid)), rejected
 
 

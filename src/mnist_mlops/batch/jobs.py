@@ -125,7 +125,9 @@ def run_job(job: Job) -> Outcome:
 
                     model = mlflow.pyfunc.load_model(exact_uri)
                     scoring = time.perf_counter()
-                    counts = local.score(dataset, model, staging, job.batch_size, name, version)
+                    counts = local.score(
+                        dataset, job.input, model, staging, job.batch_size, name, version
+                    )
                 else:
                     archive = spark.ship(session, exact_uri, staging)
                     scoring = time.perf_counter()
