@@ -37,7 +37,7 @@ def register_twice(store: Path) -> None:
 
     from mnist_mlops.model.export import inference_session, predict_probabilities
     from mnist_mlops.model.flavors import log_classifier
-    from mnist_mlops.pipeline.evaluate import log_known_digits
+    from mnist_mlops.serving.follow import log_known_digits
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
     with np.load(PROJECT / "data" / "processed" / "test.npz") as test:

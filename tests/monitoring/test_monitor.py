@@ -176,6 +176,22 @@ def test_what_a_user_can_fix_gets_one_line(project, tmp_path):
         "mnist-mlops monitor: cannot resolve"
     )
 
+    # The report replaces its folder whole: a folder with other files in it is refused.
+    directory, uri, *_ = project
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("mine")
+    command = [
+        *(sys.executable, "-m", "mnist_mlops", "monitor", "--log-dir", str(log_dir)),
+        *("--reports-dir", str(shared)),
+    ]
+    refused = run(command, directory, subprocess_env(MLFLOW_TRACKING_URI=uri), check=False)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"mnist-mlops monitor: {shared} holds other files (notes.txt): the report replaces "
+        "its folder whole, so give --reports-dir a folder of its own"
+    )
+    assert (shared / "notes.txt").read_text() == "mine"
+
     # A version registered before monitoring has no reference profile.
     champion = MlflowClient(uri).get_model_version_by_alias("mnist-classifier", "champion")
     artifacts = Path(

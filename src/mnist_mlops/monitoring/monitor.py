@@ -114,7 +114,7 @@ def run_monitor(settings: MonitorSettings) -> tuple[int, str]:
     from mlflow.exceptions import MlflowException
 
     from mnist_mlops.config import MlflowConfig
-    from mnist_mlops.monitoring.report import figure, write_reports
+    from mnist_mlops.monitoring.report import figure, foreign_files, write_reports
     from mnist_mlops.tracking.registry import registered_version
     from mnist_mlops.tracking.store import NOTE_TAG, use_experiment
 
@@ -122,6 +122,12 @@ def run_monitor(settings: MonitorSettings) -> tuple[int, str]:
         window_seconds(settings.since)
     if not settings.log_dir.is_dir():
         raise MonitorError(f"no inference log at {settings.log_dir}: serve with --log-dir there")
+    others = foreign_files(settings.reports_dir)
+    if others:
+        raise MonitorError(
+            f"{settings.reports_dir} holds other files ({', '.join(others[:3])}): the report "
+            "replaces its folder whole, so give --reports-dir a folder of its own"
+        )
     use_experiment(MlflowConfig(experiment_name=settings.experiment))
     import mlflow
 

@@ -5,6 +5,12 @@ registers, and keeps it as a DVC output and an artifact of the same MLflow
 run, so every registered version carries the reference it should be
 compared with. The validation split, not the test split: clean test images
 then remain honest in-distribution traffic for checking the monitor itself.
+
+After a retraining on feedback, the recent split (the newest served images
+with true digits, never trained on) is the reference when it has at least
+`RECENT_REFERENCE_ROWS` images: the model was chosen for that traffic, and
+the monitor should then ask whether the traffic has moved away from it, not
+whether it is still unlike MNIST.
 """
 
 from __future__ import annotations
@@ -18,6 +24,14 @@ from mnist_mlops.monitoring.features import FEATURES, image_features
 
 # Where the profile sits among the artifacts of the run that registered the model.
 REFERENCE_ARTIFACT_DIR = "reference"
+# The fewest recent images that make a reference of their own (the monitor's
+# tests need a few hundred on each side).
+RECENT_REFERENCE_ROWS = 500
+
+
+def reference_source(recent_rows: int) -> str:
+    """Which split the reference is made from: `recent` when it is big enough, else `validation`."""
+    return "recent" if recent_rows >= RECENT_REFERENCE_ROWS else "validation"
 
 
 def reference_profile(images: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:

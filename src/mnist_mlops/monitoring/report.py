@@ -22,6 +22,7 @@ from mnist_mlops.monitoring.drift import Check
 from mnist_mlops.monitoring.features import FEATURES
 
 SUMMARY, FIGURE, PAGE = "summary.json", "features.png", "report.html"
+REPORT_FILES = (SUMMARY, FIGURE, PAGE)
 
 
 def figure(features: np.ndarray, top: np.ndarray, reference: dict[str, np.ndarray]) -> bytes:
@@ -83,6 +84,13 @@ def page(summary: dict, png: bytes) -> str:
  src="data:image/png;base64,{base64.b64encode(png).decode()}">
 </body></html>
 """
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """What a folder holds besides a report: the report replaces its folder whole."""
+    if not directory.is_dir():
+        return []
+    return sorted(path.name for path in directory.iterdir() if path.name not in REPORT_FILES)
 
 
 def write_reports(directory: Path, check: Check, context: dict, png: bytes | None) -> dict:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +30,7 @@ from mnist_mlops.model.architectures import INFERENCE_BATCH_SIZE, NUM_CLASSES, i
 from mnist_mlops.monitoring.reference import (
     REFERENCE_ARTIFACT_DIR,
     reference_profile,
+    reference_source,
     save_reference,
 )
 from mnist_mlops.paths import (
@@ -47,7 +46,7 @@ from mnist_mlops.paths import (
 )
 from mnist_mlops.pipeline.figures import confusion_image, mistakes_image
 from mnist_mlops.pipeline.preprocess import has_split, load_split
-from mnist_mlops.serving.follow import KNOWN_DIGITS_ARTIFACT, known_digits
+from mnist_mlops.serving.follow import log_known_digits
 from mnist_mlops.tracking import ui
 from mnist_mlops.tracking.registry import (
     Gate,
@@ -136,10 +135,9 @@ def evaluate(config: Config) -> dict[str, float]:
     # The champion is judged on the same recent images, before this version exists.
     champion = champion_scores(config, recent_images, recent_labels)
 
-    validation_images, _labels = load_split("validation")
-    reference = reference_profile(
-        validation_images, served_probabilities(config, validation_images)
-    )
+    source = reference_source(metrics["recent_examples"])
+    reference_images = recent_images if source == "recent" else load_split("validation")[0]
+    reference = reference_profile(reference_images, served_probabilities(config, reference_images))
     save_reference(REFERENCE_FILE, reference)
     write_json(PER_CLASS_FILE, result["per_class_accuracy"])
     write_text(PREDICTIONS_FILE, predictions_csv(labels, result["predicted"]))
@@ -157,6 +155,7 @@ def evaluate(config: Config) -> dict[str, float]:
         mlflow.log_image(confusion_image(result["confusion_matrix"]), "confusion_matrix.png")
         mlflow.log_dict(per_class, "per_class_accuracy.json")
         mlflow.log_artifact(str(REFERENCE_FILE), REFERENCE_ARTIFACT_DIR)
+        mlflow.set_tag("reference.source", source)
         log_known_digits(images, labels, result["predicted"])
         if champion[1] is not None and champion[1].recent_accuracy is not None:
             mlflow.log_metric("champion_recent_accuracy", champion[1].recent_accuracy)
@@ -232,17 +231,6 @@ def champion_scores(config: Config, images, labels) -> tuple:
     ]
     accuracy = float((np.array(digits) == labels).mean())
     return champion, Scores(recorded.test_accuracy, accuracy, len(labels))
-
-
-def log_known_digits(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> None:
-    """Log one correctly classified test image per digit: what a server checks a new version on."""
-    import mlflow
-
-    chosen = known_digits(images, labels, predicted)
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / Path(KNOWN_DIGITS_ARTIFACT).name
-        np.savez(path, images=images[chosen], labels=labels[chosen])
-        mlflow.log_artifact(str(path), str(Path(KNOWN_DIGITS_ARTIFACT).parent))
 
 
 def _before(champion: tuple) -> dict:

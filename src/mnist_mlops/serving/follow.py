@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +29,17 @@ def known_digits(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) 
     right = np.flatnonzero(labels == predicted)
     _digits, first = np.unique(labels[right], return_index=True)
     return right[first]
+
+
+def log_known_digits(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> None:
+    """Log one correctly classified test image per digit: what a server checks a new version on."""
+    import mlflow
+
+    chosen = known_digits(images, labels, predicted)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / Path(KNOWN_DIGITS_ARTIFACT).name
+        np.savez(path, images=images[chosen], labels=labels[chosen])
+        mlflow.log_artifact(str(path), str(Path(KNOWN_DIGITS_ARTIFACT).parent))
 
 
 class VersionRefused(Exception):
