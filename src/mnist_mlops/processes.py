@@ -1,8 +1,12 @@
-"""Helpers for the servers the commands run in the foreground (nginx, Prometheus, Alertmanager)."""
+"""Helpers for the servers the commands run in the foreground (nginx, Prometheus, Alertmanager,
+Spark's master and worker)."""
 
+import contextlib
 import ctypes
 import signal
 import socket
+import subprocess
+import time
 
 
 def stop_with_parent() -> None:
@@ -25,3 +29,29 @@ def cannot_listen(host: str, port: int) -> str:
         except OSError as error:
             return error.strerror or str(error)
     return ""
+
+
+def wait_in_foreground(processes: list[subprocess.Popen]) -> int:
+    """Wait until SIGINT or SIGTERM, or until one of `processes` exits; return the exit status."""
+    stopping: list[bool] = []
+
+    def stop(_signum: int, _frame: object) -> None:
+        stopping.append(True)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(process.poll() is None for process in processes):
+        time.sleep(0.2)
+    return next((process.returncode for process in processes if process.returncode), 0)
+
+
+def stop_all(processes: list[subprocess.Popen], timeout: float = 20) -> None:
+    """SIGTERM every process, then SIGKILL those still running after `timeout` seconds."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_mlops.batch.formats import BatchError
-from mnist_mlops.processes import cannot_listen, stop_with_parent
+from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent, wait_in_foreground
 
 HOST = "127.0.0.1"
 
@@ -89,37 +88,25 @@ def run_cluster(settings: ClusterSettings) -> int:
         "SPARK_LOG_DIR": str(runtime / "logs"),
     }
     processes: list[subprocess.Popen] = []
-    stopping: list[bool] = []
-    signal.signal(signal.SIGINT, lambda _signum, _frame: stopping.append(True))
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.append(True))
     try:
-        for command in commands(settings):
-            log = open(runtime / f"{Path(command[1]).suffix.lstrip('.')}.log", "w")  # noqa: SIM115
-            processes.append(
-                subprocess.Popen(
-                    command,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=stop_with_parent,
+        for command, name in zip(commands(settings), ("master", "worker"), strict=True):
+            with open(runtime / f"{name}.log", "w") as log:
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=stop_with_parent,
+                    )
                 )
-            )
         wait_for_worker(settings, processes)
         print(
             f"mnist-mlops spark-cluster: spark://{HOST}:{settings.port} with one worker "
             f"({settings.cores} cores, {settings.memory}); master UI http://{HOST}:{settings.ui_port}",
             flush=True,
         )
-        while not stopping and all(process.poll() is None for process in processes):
-            time.sleep(0.2)
-        return next((process.returncode for process in processes if process.returncode), 0)
+        return wait_in_foreground(processes)
     finally:
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes, timeout=30)
         shutil.rmtree(runtime, ignore_errors=True)

@@ -11,19 +11,16 @@ is stopped too.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from mnist_mlops.paths import MONITORING_CONFIG_DIR
-from mnist_mlops.processes import cannot_listen, stop_with_parent
+from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent, wait_in_foreground
 
 HOST = "127.0.0.1"
 # Debian names Alertmanager's binary prometheus-alertmanager.
@@ -159,24 +156,7 @@ def run_monitoring(settings: MonitoringSettings) -> int:
             f"{', '.join(settings.targets)}",
             flush=True,
         )
-        stopping = []
-
-        def stop(_signum: int, _frame: object) -> None:
-            stopping.append(True)
-
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
-        while not stopping and all(process.poll() is None for process in processes):
-            time.sleep(0.2)
-        status = next((process.returncode for process in processes if process.returncode), 0)
-        return status
+        return wait_in_foreground(processes)
     finally:
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
         shutil.rmtree(runtime, ignore_errors=True)
