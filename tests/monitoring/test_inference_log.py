@@ -131,3 +131,11 @@ def test_bad_settings_are_refused():
         LogSettings(".", sample_rate=1.5)
     with pytest.raises(ValueError, match="retention_hours"):
         LogSettings(".", retention_hours=0)
+
+
+def test_feedback_saved_twice_at_once_keeps_both(tmp_path):
+    # Each call is a writer of its own; two in one millisecond once shared a file name.
+    for number in range(20):
+        save_feedback(tmp_path, [(f"request-{number}", 0, number % 10)])
+    truth = read_feedback(tmp_path)
+    assert len(truth) == 20 and truth[("request-7", 0)] == 7

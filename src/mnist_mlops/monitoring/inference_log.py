@@ -27,6 +27,7 @@ import collections
 import os
 import random
 import re
+import secrets
 import socket
 import sys
 import threading
@@ -76,8 +77,14 @@ class LogSettings:
 
 
 def writer_id() -> str:
+    """A writer's id, unique even for two writers of one process in the same millisecond.
+
+    `save_feedback` is a writer of its own per call: without the random part,
+    two calls within a millisecond wrote the same file name, and the second
+    replaced the first.
+    """
     host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
-    return f"{host}.{os.getpid()}.{time.time_ns() // 1_000_000}"
+    return f"{host}.{os.getpid()}.{time.time_ns() // 1_000_000}.{secrets.token_hex(4)}"
 
 
 class InferenceLog:
