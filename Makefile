@@ -17,7 +17,7 @@ SEARCH ?= mlp
 TARGETS ?= 127.0.0.1:$(PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-spark repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
+.PHONY: help install install-spark install-jax repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,12 @@ $(VENV)/.spark-installed: $(VENV)/.installed requirements-spark.txt
 
 install-spark: $(VENV)/.spark-installed ## Add pyspark to .venv, for `mnist-mlops score --engine spark`
 
+$(VENV)/.jax-installed: $(VENV)/.installed requirements-jax.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-jax.txt
+	touch $@
+
+install-jax: $(VENV)/.jax-installed ## Add JAX (CPU) to .venv, for data-parallel training (train.distributed)
+
 repro: install ## Run the pipeline end to end (dvc repro)
 	dvc repro
 
@@ -45,10 +51,10 @@ retrain: install ## Snapshot the served feedback into data/feedback, dvc repro, 
 tune: install ## Search hyperparameters with Optuna (STUDY=…, TRIALS=…, SEARCH=mlp|cnn)
 	mnist-mlops tune --study $(STUDY) --trials $(TRIALS) --search $(SEARCH)
 
-test: install install-spark lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included
+test: install install-spark install-jax lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included
 	pytest
 
-test-fast: install install-spark ## Run the tests without the real-data and container ones
+test-fast: install install-spark install-jax ## Run the tests without the real-data and container ones
 	pytest -m "not slow and not containers"
 
 lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint)

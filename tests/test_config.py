@@ -90,6 +90,17 @@ def test_presets_select_what_they_promise():
         ("train.batch_size=lots", "train.batch_size: Value 'lots' of type 'str' could not be"),
         ("+train.epoch=3", "train.epoch: Key 'epoch' not in 'TrainConfig'"),
         ("train.validation_fraction=1.5", "validation_fraction must be between 0 and 1"),
+        ("train.distributed.processes=0", "train.distributed.processes must be positive, got 0"),
+        (
+            "train.distributed.processes=3",
+            "train.batch_size (128) must be a multiple of distributed.processes (3)",
+        ),
+        (
+            "train.distributed.coordinator=somewhere",
+            "train.distributed.coordinator must be HOST:PORT, got 'somewhere'",
+        ),
+        ("train.distributed.timeout_seconds=0", "distributed.timeout_seconds must be positive"),
+        ("+train.distributed.hosts=4", "train.distributed.hosts: Key 'hosts' not in"),
         ("data.format=zip", "data.format must be one of auto, npz, idx"),
         ("model.hidden_units=2.5", "model.hidden_units: Value '2.5' of type 'float'"),
     ],

@@ -57,12 +57,35 @@ class DataConfig:
                 raise ValueError(f"{name} must be positive or null, got {count}")
 
 
+_ADDRESS = re.compile(r"^\[?[A-Za-z0-9.:_-]+\]?:\d{1,5}$")
+
+
+@dataclass  # not frozen: OmegaConf cannot merge into a frozen dataclass nested in another
+class DistributedConfig:
+    """`train.distributed`: 1 process on TensorFlow (the default) or N data-parallel JAX ones."""
+
+    processes: int = 1
+    coordinator: str = "127.0.0.1:29400"
+    timeout_seconds: int = 30
+
+    def __post_init__(self) -> None:
+        if self.processes <= 0:
+            raise ValueError(f"distributed.processes must be positive, got {self.processes}")
+        if not _ADDRESS.match(self.coordinator):
+            raise ValueError(f"distributed.coordinator must be HOST:PORT, got {self.coordinator!r}")
+        if self.timeout_seconds <= 0:
+            raise ValueError(
+                f"distributed.timeout_seconds must be positive, got {self.timeout_seconds}"
+            )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 128
     validation_fraction: float = 0.1
     seed: int = 42
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -75,6 +98,11 @@ class TrainConfig:
             )
         if self.seed < 0:
             raise ValueError(f"seed must be 0 or more, got {self.seed}")
+        if self.batch_size % self.distributed.processes:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of distributed.processes "
+                f"({self.distributed.processes}): each process takes an equal share of a batch"
+            )
 
 
 @dataclass(frozen=True)

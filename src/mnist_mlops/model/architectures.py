@@ -58,16 +58,31 @@ def _without_native_noise() -> Iterator[None]:
 
 
 def import_keras():
-    """Import Keras on TensorFlow with the start-up chatter kept out of the way."""
+    """Import Keras with the start-up chatter kept out of the way.
+
+    On TensorFlow, unless KERAS_BACKEND says otherwise (JAX for data-parallel
+    training: pipeline/worker.py).
+    """
     if "keras" in sys.modules:
         return sys.modules["keras"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with _without_native_noise():
-        import tensorflow as tf
+        if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+            import tensorflow as tf
 
-        tf.config.list_physical_devices()
+            tf.config.list_physical_devices()
         import keras
     return keras
+
+
+def set_random_seed(seed: int) -> None:
+    """Keras's seeds (Python, NumPy, the backend's and TensorFlow's when installed), quietly.
+
+    On the JAX backend this is where TensorFlow would first load, with its start-up chatter.
+    """
+    keras = import_keras()
+    with _without_native_noise():
+        keras.utils.set_random_seed(seed)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from mnist_mlops.paths import (
     RUN_FILE,
     TRAINING_CURVES_FILE,
 )
+from mnist_mlops.pipeline import distributed
 from mnist_mlops.pipeline.preprocess import load_manifest, load_split, load_weights
 from mnist_mlops.tracking.runs import active_run, log_dataset, provenance_tags, termination_deferred
 from mnist_mlops.tracking.store import use_experiment
@@ -83,8 +84,15 @@ def curves_csv(history: dict[str, list[float]]) -> str:
     return buffer.getvalue()
 
 
-def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, float]:
-    """Fit the model, save it to `outputs`, log the run to MLflow; return the final metrics."""
+def train(
+    config: Config, outputs: TrainOutputs = TrainOutputs(), local_workers: bool = False
+) -> dict[str, float]:
+    """Fit the model, save it to `outputs`, log the run to MLflow; return the final metrics.
+
+    With `train.distributed.processes` > 1 the fit is data-parallel
+    (pipeline/distributed.py); `local_workers` starts the other processes here
+    instead of waiting for `mnist-mlops train-worker` on other machines.
+    """
     import mlflow
 
     # The tracking store first: a server that is down fails the stage in
@@ -118,13 +126,17 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
             context="training",
         )
         started = time.perf_counter()
-        history = fit(
-            config,
-            network,
-            (train_images, train_labels),
-            (validation_images, validation_labels),
-            weights=load_weights("train"),
-        )
+        if config.train.distributed.processes > 1:
+            history = fit_across_processes(config, network, local_workers)
+        else:
+            mlflow.set_tags({"train.backend": "tensorflow", "train.processes": "1"})
+            history = fit(
+                config,
+                network,
+                (train_images, train_labels),
+                (validation_images, validation_labels),
+                weights=load_weights("train"),
+            ).history
         fit_seconds = time.perf_counter() - started
         mlflow.log_metric("fit_seconds", fit_seconds)
 
@@ -135,7 +147,7 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
         model_info = flavors.log_keras_model(network, validation_images[:1])
         if config.serving.runtime == "onnx":
             flavors.log_onnx_model(outputs.onnx_file, validation_images[:1])
-        curves = curves_csv(history.history)
+        curves = curves_csv(history)
         write_text(outputs.curves_file, curves)
         mlflow.log_text(curves, "training.csv")
         write_json(
@@ -147,12 +159,41 @@ def train(config: Config, outputs: TrainOutputs = TrainOutputs()) -> dict[str, f
                 "logged_model_uri": model_info.model_uri,
             },
         )
-    final = {name: float(values[-1]) for name, values in history.history.items()}
+    final = {name: float(values[-1]) for name, values in history.items()}
     print(
         f"trained {config.model_name} for {config.train.epochs} epochs in {fit_seconds:.1f} s: "
         f"val_accuracy {final['val_accuracy']:.4f}; MLflow run {run.info.run_id}"
     )
     return final
+
+
+def fit_across_processes(config: Config, network, local_workers: bool) -> dict[str, list[float]]:
+    """The data-parallel fit: process 0 in a child on JAX, its weights into `network` here."""
+    import mlflow
+
+    processes = config.train.distributed.processes
+    mlflow.set_tags({"train.backend": "jax", "train.processes": str(processes)})
+    if not local_workers:
+        others = "process 1" if processes == 2 else f"processes 1–{processes - 1}"
+        print(
+            f"waiting up to {config.train.distributed.timeout_seconds} s for {others}: "
+            f"mnist-mlops train-worker --coordinator {config.train.distributed.coordinator} "
+            f"--process-id I --processes {processes}",
+            flush=True,
+        )
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        with termination_deferred():
+            mlflow.log_metrics(metrics, step=epoch)
+
+    fitted = distributed.fit(config, local_workers, log_epoch)
+    network.set_weights(fitted.weights)
+    network.optimizer.build(network.trainable_variables)
+    if len(network.optimizer.variables) == len(fitted.optimizer):
+        for variable, value in zip(network.optimizer.variables, fitted.optimizer, strict=True):
+            variable.assign(value)
+    mlflow.set_tag("train.weights_sha256", fitted.digest)
+    return fitted.history
 
 
 def fit(

@@ -1,0 +1,327 @@
+"""Data-parallel training on Keras's JAX backend: real processes, real collectives, 127.0.0.1 only.
+
+The stage is `python -m mnist_mlops train` as DVC runs it; the other
+processes are `mnist-mlops train-worker` (or the stage's own local workers).
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from mnist_mlops.config import validate
+from mnist_mlops.pipeline.evaluate import evaluate
+from mnist_mlops.pipeline.fetch import fetch
+from mnist_mlops.pipeline.preprocess import preprocess
+from mnist_mlops.pipeline.worker import epoch_order, share
+
+from ..conftest import REAL_MNIST, compose_config, free_port, run, subprocess_env, tiny_overrides
+
+pytest.importorskip("jax", reason="make install-jax")
+
+DIGEST = re.compile(r"process (\d+)/\d+ done: weights sha256 ([0-9a-f]{64})")
+
+
+def test_every_global_batch_is_split_evenly_and_completely():
+    order = epoch_order(1000, seed=7, epoch=3)
+    shares = [share(order, 128, process, 4) for process in range(4)]
+    assert {len(rows) for rows in shares} == {(1000 // 128) * 32 + (1000 % 128) // 4}
+    for batch in range(1000 // 128):
+        together = np.concatenate([rows[batch * 32 : (batch + 1) * 32] for rows in shares])
+        assert sorted(together) == sorted(order[batch * 128 : (batch + 1) * 128])
+    used = np.concatenate(shares)
+    assert len(set(used)) == len(used) == 1000 - 1000 % 4
+    # The same global batches, and so the same training, for any number of processes.
+    assert (epoch_order(1000, 7, 3) == order).all() and (epoch_order(1000, 7, 4) != order).any()
+
+
+@pytest.fixture
+def tiny_project(workdir, mirror):
+    """Tiny fetched and preprocessed data, params.yaml for 2 processes on a free port."""
+    raw = compose_config(
+        *tiny_overrides(mirror),
+        "train.epochs=3",
+        "train.distributed.processes=2",
+        f"train.distributed.coordinator=127.0.0.1:{free_port()}",
+        "train.distributed.timeout_seconds=10",
+    )
+    config = validate(raw)
+    fetch(config.data)
+    preprocess(config)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return workdir, config
+
+
+def stage_env(_directory: Path) -> dict:
+    """The stage's environment: its MLflow store is the project's own mlflow.db."""
+    return subprocess_env()
+
+
+def one_run(directory: Path):
+    client = MlflowClient(f"sqlite:///{directory / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "mnist"]
+    (logged,) = client.search_runs([experiment.experiment_id])
+    return client, logged
+
+
+def worker_module(directory: Path, process: int, processes: int, coordinator: str, *more: str):
+    command = [
+        sys.executable,
+        "-m",
+        "mnist_mlops.pipeline.worker",
+        "--params",
+        "params.yaml",
+        "--process-id",
+        str(process),
+        "--processes",
+        str(processes),
+        "--coordinator",
+        coordinator,
+        *more,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=directory,
+        env=stage_env(directory),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_processes_train_like_one_on_the_same_global_batches(tiny_project):
+    directory, config = tiny_project
+    coordinator = config.train.distributed.coordinator
+    # Global batches of 8 (4 from each process): the 180 training images make 20 of them.
+    raw = yaml.safe_load((directory / "params.yaml").read_text())
+    raw["train"]["batch_size"] = 8
+    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    alone = directory / "alone"
+    together = directory / "together"
+    alone.mkdir(), together.mkdir()
+    one = worker_module(directory, 0, 1, coordinator, "--result", str(alone), "--steps", "20")
+    assert one.wait(timeout=300) == 0, one.stderr.read()
+    pair = [
+        worker_module(directory, 0, 2, coordinator, "--result", str(together), "--steps", "20"),
+        worker_module(directory, 1, 2, coordinator, "--steps", "20"),
+    ]
+    outputs = [process.communicate(timeout=300) for process in pair]
+    assert [process.returncode for process in pair] == [0, 0], [err for _, err in outputs]
+
+    # The same 20 global batches make the same weights in one process as in two.
+    with np.load(alone / "weights.npz") as a, np.load(together / "weights.npz") as b:
+        weights = [name for name in a.files if name.startswith("weight_")]
+        assert weights and sorted(weights) == sorted(n for n in b.files if n.startswith("weight_"))
+        largest = max(float(np.abs(a[name] - b[name]).max()) for name in weights)
+        moved = max(float(np.abs(a[name]).max()) for name in weights)
+    assert largest < 1e-6 and moved > 0
+    # Both processes end with byte-identical weights.
+    digests = dict(DIGEST.search(out).groups() for out, _ in outputs)
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+
+
+def sockets_of(pids: set[int]) -> set[tuple[str, int]]:
+    """(local address, port) of every TCP socket the processes `pids` hold, from /proc."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                address, port = fields[1].split(":")
+                if width == 8:
+                    host = ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
+                else:
+                    host = "::1" if address == "0" * 24 + "01000000" else address
+                    if address.startswith("0000000000000000FFFF0000"):
+                        host = ".".join(str(int(address[i : i + 2], 16)) for i in (30, 28, 26, 24))
+                found.add((host, int(port, 16)))
+    return found
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def test_the_stage_with_two_local_processes_logs_one_run_and_evaluates_unchanged(tiny_project):
+    directory, config = tiny_project
+    command = [sys.executable, "-m", "mnist_mlops", "train", "--local-processes", "2"]
+    with open(directory / "stage.log", "w+") as log:
+        stage = subprocess.Popen(
+            command, cwd=directory, env=stage_env(directory), stdout=log, stderr=log, text=True
+        )
+        seen: set[tuple[str, int]] = set()
+        while stage.poll() is None:
+            seen |= sockets_of(descendants(stage.pid))
+            time.sleep(0.2)
+        log.seek(0)
+        output = log.read()
+    assert stage.returncode == 0, output
+    # Every socket of the stage and its processes (coordinator, gloo, MLflow's SQLite has
+    # none) is on 127.0.0.1, the coordinator's port among them.
+    assert seen and {host for host, _port in seen} == {"127.0.0.1"}, seen
+    assert int(config.train.distributed.coordinator.rsplit(":", 1)[1]) in {p for _h, p in seen}
+
+    client, logged = one_run(directory)
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["train.distributed.processes"] == "2"
+    assert logged.data.tags["train.backend"] == "jax"
+    assert logged.data.tags["train.processes"] == "2"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        steps = [point.step for point in client.get_metric_history(logged.info.run_id, metric)]
+        assert sorted(steps) == [0, 1, 2], (metric, steps)
+    assert logged.data.metrics["onnx_max_probability_difference"] <= 1e-5
+    # process 0's digest is the run's, and the model saved is the one trained.
+    (digest,) = [d for p, d in DIGEST.findall(output) if p == "0"]
+    assert logged.data.tags["train.weights_sha256"] == digest
+    assert {p.name for p in (directory / "models").iterdir()} == {
+        "model.keras",
+        "model.onnx",
+        "mlflow_run.json",
+    }
+
+    # evaluate and the gate see nothing different: the first version becomes the champion.
+    metrics = evaluate(config)
+    version = client.get_model_version_by_alias("mnist-classifier", "champion")
+    assert version.run_id == logged.info.run_id and str(version.version) == "1"
+    assert 0 < metrics["test_accuracy"] <= 1
+
+
+def failed_stage(directory: Path, stage: subprocess.Popen, started: float, bound: float):
+    output, errors = stage.communicate(timeout=bound)
+    elapsed = time.monotonic() - started
+    lines = [line for line in errors.splitlines() if line.startswith("mnist-mlops train")]
+    _client, logged = one_run(directory)
+    return stage.returncode, lines, elapsed, logged, output
+
+
+def test_a_worker_killed_mid_fit_fails_the_stage_within_the_bound(tiny_project):
+    directory, config = tiny_project
+    raw = yaml.safe_load((directory / "params.yaml").read_text())
+    raw["train"]["epochs"] = 200
+    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = stage_env(directory)
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlops", "train"],
+        cwd=directory,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlops", "train-worker", "--process-id", "1"],
+        cwd=directory,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        # Wait for the first epoch on the worker's side, then kill it and its child outright.
+        for line in worker.stdout:
+            if "epoch 1/200" in line:
+                break
+        os.killpg(worker.pid, signal.SIGKILL)
+        started = time.monotonic()
+        status, lines, elapsed, logged, _output = failed_stage(directory, stage, started, 120)
+    finally:
+        stage.kill()
+        worker.kill()
+    assert status == 1
+    assert len(lines) == 1 and "process 1" in lines[0], lines
+    assert elapsed < config.train.distributed.timeout_seconds + 30
+    assert logged.info.status == "FAILED"
+    assert not (directory / "models").exists()
+
+
+def test_a_worker_that_never_joins_fails_the_stage_within_the_bound(tiny_project):
+    directory, config = tiny_project
+    started = time.monotonic()
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlops", "train"],
+        cwd=directory,
+        env=stage_env(directory),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    status, lines, elapsed, logged, output = failed_stage(directory, stage, started, 120)
+    assert status == 1
+    assert lines == [
+        "mnist-mlops train: data-parallel fit failed: not every process joined within 10 s: "
+        "process 1 must run `mnist-mlops train-worker --coordinator "
+        f"{config.train.distributed.coordinator} --process-id I --processes 2`"
+    ]
+    assert "waiting up to 10 s for process 1" in output
+    assert elapsed < config.train.distributed.timeout_seconds + 45
+    assert logged.info.status == "FAILED"
+    assert not (directory / "models").exists()
+
+
+def test_a_worker_says_in_one_line_what_is_wrong(tiny_project):
+    directory, _config = tiny_project
+    env = stage_env(directory)
+    command = [sys.executable, "-m", "mnist_mlops", "train-worker"]
+    wrong_id = run([*command, "--process-id", "2"], directory, env, check=False)
+    assert wrong_id.returncode == 2
+    assert wrong_id.stderr.strip() == (
+        "mnist-mlops train-worker: invalid config: --process-id must be 1 … 1 "
+        "(0 is the train stage), got 2"
+    )
+    uneven = run([*command, "--process-id", "1", "--processes", "3"], directory, env, check=False)
+    assert uneven.returncode == 2
+    assert "must be a multiple of distributed.processes (3)" in uneven.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST mirror not found at {REAL_MNIST}")
+def test_two_processes_on_real_mnist_reach_the_seed_accuracy(workdir):
+    raw = compose_config(
+        f"data.source={REAL_MNIST}",
+        "data.sha256sums=SHA256SUMS",
+        f"train.distributed.coordinator=127.0.0.1:{free_port()}",
+    )
+    config = validate(raw)
+    fetch(config.data)
+    preprocess(config)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    command = [sys.executable, "-m", "mnist_mlops", "train", "--local-processes", "2"]
+    result = run(command, workdir, stage_env(workdir))
+    print(result.stdout)
+    _client, logged = one_run(workdir)
+    assert logged.data.tags["train.processes"] == "2"
+    metrics = evaluate(config)
+    print(json.dumps(metrics))
+    assert metrics["test_accuracy"] >= 0.975
