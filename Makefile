@@ -94,7 +94,7 @@ proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|bo
 monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
 	mnist-mlops monitoring --targets $(TARGETS)
 
-benchmark: install install-spark ## Benchmark the pipeline, the server, a swap, batch scoring, the serving environment's size, tune, monitoring
+benchmark: install install-spark install-jax ## Benchmark the pipeline, the server, a swap, batch scoring, the serving environment's size, tune, monitoring, data-parallel training
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
 	python benchmarks/swap.py
@@ -102,6 +102,7 @@ benchmark: install install-spark ## Benchmark the pipeline, the server, a swap, 
 	python benchmarks/environment.py
 	python benchmarks/tune.py
 	python benchmarks/monitoring.py
+	python benchmarks/distributed.py
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
 	rm -rf $(VENV) .pytest_cache .ruff_cache site

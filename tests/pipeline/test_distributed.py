@@ -290,6 +290,33 @@ def test_a_worker_that_never_joins_fails_the_stage_within_the_bound(tiny_project
     assert not (directory / "models").exists()
 
 
+def test_processes_on_other_data_or_settings_refuse_to_train_together(tiny_project):
+    directory, _config = tiny_project
+    raw = yaml.safe_load((directory / "params.yaml").read_text())
+    raw["optimizer"]["learning_rate"] = 0.5
+    (directory / "other.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = stage_env(directory)
+    command = [sys.executable, "-m", "mnist_mlops", "train-worker", "--process-id", "1"]
+    worker = subprocess.Popen(
+        [*command, "--params", "other.yaml"],
+        cwd=directory,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stage = run([sys.executable, "-m", "mnist_mlops", "train"], directory, env, check=False)
+    _output, worker_errors = worker.communicate(timeout=120)
+    expected = (
+        "process 1 would train on other data or settings than process 0 (data/processed or "
+        "params.yaml differ): run every process on the same commit after `dvc pull`"
+    )
+    assert stage.returncode == 1 and worker.returncode == 1
+    assert f"mnist-mlops train: data-parallel fit failed: {expected}" in stage.stderr.splitlines()
+    assert f"mnist-mlops train-worker: {expected}" in worker_errors.splitlines()
+    assert one_run(directory)[1].info.status == "FAILED"
+    assert not (directory / "models").exists()
+
+
 def test_a_worker_says_in_one_line_what_is_wrong(tiny_project):
     directory, _config = tiny_project
     env = stage_env(directory)
@@ -325,3 +352,38 @@ def test_two_processes_on_real_mnist_reach_the_seed_accuracy(workdir):
     metrics = evaluate(config)
     print(json.dumps(metrics))
     assert metrics["test_accuracy"] >= 0.975
+
+
+def test_sigterm_on_the_stage_stops_its_local_workers_and_ends_the_run_killed(tiny_project):
+    directory, _config = tiny_project
+    raw = yaml.safe_load((directory / "params.yaml").read_text())
+    raw["train"]["epochs"] = 200
+    (directory / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlops", "train", "--local-processes", "2"],
+        cwd=directory,
+        env=stage_env(directory),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in stage.stdout:
+            if "epoch 1/200" in line:
+                break
+        family = descendants(stage.pid) - {stage.pid}
+        workers = [
+            pid for pid in family if b"pipeline.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2, family
+        stage.send_signal(signal.SIGTERM)
+        assert stage.wait(timeout=60) == 130
+    finally:
+        stage.kill()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    _client, logged = one_run(directory)
+    assert logged.info.status == "KILLED"
+    assert not (directory / "models").exists()

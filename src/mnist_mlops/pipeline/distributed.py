@@ -152,7 +152,7 @@ def explain(process_id: int, returncode: int, log: str, config: Config) -> str:
         )
     own = _OWN_ERROR.findall(log)
     if own:
-        return f"process {process_id}: {own[-1]}"
+        return own[-1] if own[-1].startswith("process ") else f"process {process_id}: {own[-1]}"
     if _PEER_GONE.search(log):
         return f"process {process_id} lost a peer mid-fit (connection closed){abandoned}"
     if returncode < 0:

@@ -41,7 +41,7 @@ from mnist_mlops.model.architectures import (
     import_keras,
     set_random_seed,
 )
-from mnist_mlops.pipeline.preprocess import load_split, load_weights
+from mnist_mlops.pipeline.preprocess import load_manifest, load_split, load_weights
 
 EPOCHS_FILE = "epochs.jsonl"
 WEIGHTS_FILE = "weights.npz"
@@ -99,6 +99,41 @@ def join(process_id: int, processes: int, coordinator: str, timeout_seconds: int
     )
 
 
+class MismatchError(Exception):
+    """The processes of a fit do not train on the same data and settings."""
+
+
+def fingerprint(config: Config) -> str:
+    """sha256 of what every process must share: the data's digest and the training settings.
+
+    Everything that decides the updates (model, optimizer, train without its
+    `distributed` part, feedback weighting) and data/processed's digest.
+    """
+    shared = {
+        "data": load_manifest()["digest"],
+        "model": config.raw["model"],
+        "optimizer": config.raw["optimizer"],
+        "train": {k: v for k, v in config.raw["train"].items() if k != "distributed"},
+        "feedback": config.raw.get("feedback"),
+    }
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
+
+
+def agree(process_id: int, mine: str) -> None:
+    """Compare every process's fingerprint (one all-gather); MismatchError names who differs."""
+    from jax.experimental import multihost_utils
+
+    local = np.frombuffer(bytes.fromhex(mine), dtype=np.uint32)
+    everyone = np.asarray(multihost_utils.process_allgather(local))
+    differing = [index for index, row in enumerate(everyone) if (row != everyone[0]).any()]
+    if differing:
+        names = ", ".join(f"process {index}" for index in differing)
+        raise MismatchError(
+            f"{names} would train on other data or settings than process 0 (data/processed "
+            "or params.yaml differ): run every process on the same commit after `dvc pull`"
+        )
+
+
 def use_jax() -> None:
     """Before Keras is imported: the JAX backend on CPU."""
     os.environ["KERAS_BACKEND"] = "jax"
@@ -127,6 +162,7 @@ def fit_process(
         keras.distribution.set_distribution(
             keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
         )
+        agree(process_id, fingerprint(config))
     set_random_seed(config.train.seed)
     network = build_model(config.model, config.optimizer)
     images, labels = load_split("train")
@@ -201,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             arguments.result,
             arguments.steps,
         )
+    except MismatchError as error:
+        print(f"mnist-mlops train-worker: {error}", file=sys.stderr, flush=True)
+        return 1
     except (DataError, FileNotFoundError) as error:
         print(f"mnist-mlops train-worker: error: {error}", file=sys.stderr, flush=True)
         return 1
