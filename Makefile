@@ -103,7 +103,7 @@ proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|bo
 monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
 	mnist-mlops monitoring --targets $(TARGETS)
 
-benchmark: install install-spark install-jax ## Benchmark the pipeline, the server, a swap, batch scoring, the serving environment's size, tune, monitoring, data-parallel training
+benchmark: install install-spark install-jax install-object-store ## Benchmark the pipeline, the server, a swap, batch scoring, the serving environment's size, tune, monitoring, data-parallel training, the object store
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
 	python benchmarks/swap.py
@@ -112,6 +112,7 @@ benchmark: install install-spark install-jax ## Benchmark the pipeline, the serv
 	python benchmarks/tune.py
 	python benchmarks/monitoring.py
 	python benchmarks/distributed.py
+	python benchmarks/object_store.py
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
 	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import botocore.exceptions
 import pytest
+import yaml
 
 from mnist_mlops.processes import cannot_listen
 from mnist_mlops.team.object_store import grpc_sockets, keys_for, s3_client
 
-from ..conftest import free_port, run, subprocess_env
+from ..conftest import REPO_ROOT, free_port, run, subprocess_env
 
 if shutil.which("weed", path=str(Path(sys.executable).parent)) is None:
     pytest.skip("SeaweedFS is not installed: make install-object-store", allow_module_level=True)
@@ -205,3 +206,25 @@ def test_a_missing_weak_or_shared_secret_is_refused_in_one_line(tmp_path, conten
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("mnist-mlops object-store: ") and message in line
     assert not (tmp_path / "object-store").exists()
+
+
+def test_the_team_compose_file_publishes_nginx_alone_and_runs_the_project_commands():
+    from mnist_mlops.__main__ import parser
+
+    compose = yaml.safe_load((REPO_ROOT / "deploy" / "compose.team.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "object-store", "tracking", "proxy"}
+    assert [name for name, service in services.items() if "ports" in service] == ["proxy"]
+    assert services["proxy"]["ports"] == ["127.0.0.1:8444:8444"]
+    store, tracking = services["object-store"]["command"], services["tracking"]["command"]
+    commands = parser()
+    arguments = commands.parse_args([part.split("$")[0] for part in store[1:]])
+    assert arguments.host == "0.0.0.0" and arguments.secret_file == Path(
+        "/run/secrets/object-store"
+    )
+    arguments = commands.parse_args(tracking[1:])
+    assert arguments.artifacts_destination == "s3://mlflow/artifacts"
+    assert arguments.s3_endpoint_url == "http://object-store:8333"
+    # The tracking server holds the S3 keys; nothing else in the file does.
+    holders = [name for name, service in services.items() if "AWS_ACCESS_KEY_ID" in str(service)]
+    assert holders == ["tracking"]
