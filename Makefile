@@ -10,6 +10,8 @@ export PATH := $(BIN):$(PATH)
 # MkDocs Material prints a notice about its successor on every build.
 export NO_MKDOCS_2_WARNING := 1
 PORT ?= 5000
+# `make serve`: how many replicas of the model server (more than 1: behind nginx, `make certs` first)
+REPLICAS ?= 1
 SERVERS ?= model
 STUDY ?= mlp-search
 TRIALS ?= 20
@@ -85,8 +87,12 @@ params: install ## Re-compose params.yaml from conf/ (what `dvc exp run` does)
 ui: install ## The MLflow UI on the embedded store, with direct links (127.0.0.1:5000; PORT=…)
 	mnist-mlops ui --host 127.0.0.1 --port $(PORT)
 
-serve: install ## Serve the champion model over HTTP (127.0.0.1:5000; PORT=… to change)
+serve: install ## Serve the champion over HTTP (127.0.0.1:5000; PORT=…); REPLICAS=N: N of them behind HTTPS on 8443
+ifeq ($(REPLICAS),1)
 	mnist-mlops serve --host 127.0.0.1 --port $(PORT)
+else
+	mnist-mlops proxy model --replicas $(REPLICAS) --replica-port $(PORT)
+endif
 
 tracking-server: install ## The team's MLflow server on PostgreSQL (see the README's team section)
 	mnist-mlops tracking-server
@@ -107,6 +113,7 @@ benchmark: install install-spark install-jax install-object-store ## Benchmark t
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
 	python benchmarks/swap.py
+	python benchmarks/replicas.py
 	python benchmarks/scoring.py
 	python benchmarks/environment.py
 	python benchmarks/tune.py

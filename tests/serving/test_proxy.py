@@ -6,16 +6,22 @@ The tracking server behind the proxy is tested with the team server, in test_tea
 
 import http.client
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
+from mnist_mlops.processes import cannot_listen
 from mnist_mlops.serving.client import ClientError, predict
 from mnist_mlops.serving.proxy import (
     ProxyError,
@@ -236,7 +242,8 @@ def test_the_configuration_fills_every_placeholder(certificates):
     configuration = render(settings)
     assert "{{" not in configuration and "}}" not in configuration
     assert f"client_max_body_size {max_body_bytes(8)};" in configuration
-    assert "server model:5000;" in configuration and "server mlflow:5001;" in configuration
+    assert "server model:5000 max_fails=1 fail_timeout=10s;" in configuration
+    assert "server mlflow:5001;" in configuration
     with pytest.raises(ProxyError, match="no value for port"):
         fill("listen {{port}};", {})
 
@@ -269,6 +276,7 @@ def test_the_compose_file_puts_nginx_before_the_serving_image():
     compose = yaml.safe_load((REPO_ROOT / "deploy" / "compose.yaml").read_text())
     model, proxy = compose["services"]["model"], compose["services"]["proxy"]
     assert model["build"]["target"] == "serve" and "ports" not in model
+    assert model["deploy"]["replicas"] == 2
     assert proxy["ports"] == ["127.0.0.1:8443:8443"]
     assert proxy["depends_on"]["model"]["condition"] == "service_healthy"
     assert "nginx" in proxy["image"]
@@ -308,3 +316,89 @@ def test_nginx_stops_when_the_proxy_command_is_killed_outright(certificates):
         pytest.fail(f"nginx still listens on {port} after its command was killed")
     finally:
         process.kill()
+
+
+def invocations_answered(url: str) -> int:
+    """/invocations answered 200 by one replica, from its own /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pattern = r'mnist_serving_requests_total\{path="/invocations",status="200"\} (\S+)'
+    return int(float(re.search(pattern, text).group(1)))
+
+
+def replica_pid(port: int) -> int:
+    """The pid of the `mnist-mlops serve` replica listening on `port`."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in arguments and str(port).encode() in arguments:
+                return int(entry.name)
+    raise AssertionError(f"no replica on port {port}")
+
+
+def test_two_replicas_behind_the_proxy_lose_no_request_when_one_is_killed(certificates, tmp_path):
+    """`mnist-mlops proxy --replicas 2` (what `make serve REPLICAS=2` runs) under 8 clients."""
+    uri, images = train_champion(tmp_path)
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri, MNIST_INFERENCE_LOG_DIR=str(tmp_path / "log"))
+    first = free_port()
+    while cannot_listen("127.0.0.1", first + 1):
+        first = free_port()
+    urls = [f"http://127.0.0.1:{port}" for port in (first, first + 1)]
+    proxy_port = free_port()
+    command = proxy_command(
+        certificates,
+        *("model", "--replicas", "2", "--replica-port", str(first)),
+        *("--model-port", str(proxy_port), "--rate", "100000", "--burst", "100000"),
+    )
+    body = images_body(images[:1])
+    answers: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                status, _answer = post(f"https://127.0.0.1:{proxy_port}", body, certificates)
+            except OSError:  # no answer at all counts as a failure too
+                status = 0
+            answers.append((status, time.perf_counter() - started))
+
+    with serving(
+        command,
+        env,
+        f"https://127.0.0.1:{proxy_port}",
+        "/ping",
+        REPO_ROOT,
+        context=tls_context(certificates),
+    ) as proxied:
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        try:
+            for thread in clients:
+                thread.start()
+            time.sleep(5)
+            killed_share = invocations_answered(urls[0])
+            os.kill(replica_pid(first), signal.SIGKILL)
+            killed_at = len(answers)
+            time.sleep(15)
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=60)
+        survivor_share = invocations_answered(urls[1])
+        statuses = [status for status, _seconds in answers]
+        assert statuses.count(200) == len(statuses) > killed_at > 0, set(statuses)
+        # Both replicas answered before the kill; after it the survivor answered the rest.
+        assert killed_share > 0 and survivor_share > 0
+        assert survivor_share >= len(statuses) - killed_share - 8 * 2
+        slowest = max(seconds for _status, seconds in answers[killed_at:])
+        print(f"{len(statuses)} requests, none failed; slowest after the kill {slowest:.3f} s")
+
+        # The last replica gone too: a JSON 502, quickly, not a hang.
+        os.kill(replica_pid(first + 1), signal.SIGKILL)
+        started = time.perf_counter()
+        status, answer = post(proxied, body, certificates)
+        assert status == 502 and answer["error_code"] == "TEMPORARILY_UNAVAILABLE"
+        assert time.perf_counter() - started < 5

@@ -85,7 +85,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="which servers to put behind it",
     )
     proxy.add_argument("--host", default="127.0.0.1", help="bind address")
-    proxy.add_argument("--model-upstream", default="127.0.0.1:5000", help="the model server")
+    proxy.add_argument(
+        "--model-upstream",
+        default="127.0.0.1:5000",
+        help="the model server, or several replicas comma-separated (HOST:PORT,HOST:PORT)",
+    )
     proxy.add_argument("--model-port", type=int, default=8443, help="HTTPS port for the model")
     proxy.add_argument("--tracking-upstream", default="127.0.0.1:5001", help="the tracking server")
     proxy.add_argument(
@@ -102,6 +106,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     proxy.add_argument(
         "--tracking-max-body", default="5g", help="the tracking server's upload limit"
+    )
+    proxy.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N replicas of `mnist-mlops serve` here, on 127.0.0.1 from --replica-port "
+        "on, as the model upstream (0: none)",
+    )
+    proxy.add_argument(
+        "--replica-port", type=int, default=5000, help="the first replica's port (with --replicas)"
     )
     proxy.add_argument("--print-config", action="store_true", help="print nginx.conf and exit")
     proxy.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
@@ -183,8 +198,13 @@ def proxy_command(arguments: argparse.Namespace) -> int:
         return 2
     servers = arguments.servers
     upstreams = []
+    replica_ports = [arguments.replica_port + index for index in range(arguments.replicas)]
+    if replica_ports and servers == "tracking":
+        print("mnist-mlops proxy: --replicas serve the model: model or both", file=sys.stderr)
+        return 2
     if servers in ("model", "both"):
-        upstreams.append(Upstream("model", arguments.model_upstream, arguments.model_port))
+        model = ",".join(f"127.0.0.1:{port}" for port in replica_ports) or arguments.model_upstream
+        upstreams.append(Upstream("model", model, arguments.model_port))
     if servers in ("tracking", "both"):
         upstreams.append(Upstream("tracking", arguments.tracking_upstream, arguments.tracking_port))
     settings = ProxySettings(
@@ -202,7 +222,7 @@ def proxy_command(arguments: argparse.Namespace) -> int:
         if arguments.print_config:
             print(render(settings))
             return 0
-        return run_proxy(settings)
+        return run_proxy(settings, replica_ports)
     except ProxyError as error:
         print(f"mnist-mlops proxy: {error}", file=sys.stderr)
         return 1

@@ -28,16 +28,21 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_mlops.processes import cannot_listen, stop_with_parent
+from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent
 
 DEPLOY_DIR = Path("deploy")
 # The model server's own limit for a feedback body (serving/observed.py).
 MAX_FEEDBACK_BYTES = 64 * 1024
 CERTS_DIR = DEPLOY_DIR / "certs"
+# How long replicas started by `--replicas` may take to load the champion.
+REPLICA_START_SECONDS = 120
 PIXELS_PER_IMAGE = 28 * 28
 # A pixel value written in JSON as e.g. "254.99998, ": generous for integers
 # (at most "255, ") and for floats printed with a few decimals.
@@ -52,8 +57,12 @@ class ProxyError(Exception):
 @dataclass(frozen=True)
 class Upstream:
     name: str  # "model" or "tracking"
-    address: str  # host:port of the server behind the proxy
+    address: str  # host:port behind the proxy; the model may have several, comma-separated
     port: int  # where the proxy listens for it
+
+    @property
+    def addresses(self) -> list[str]:
+        return [part.strip() for part in self.address.split(",") if part.strip()]
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,12 @@ def render(settings: ProxySettings, deploy_dir: Path = DEPLOY_DIR) -> str:
         "tracking_max_body": settings.tracking_max_body,
     }
     for upstream in settings.upstreams:
-        values[f"{upstream.name}_upstream"] = upstream.address
+        addresses = upstream.addresses
+        values[f"{upstream.name}_upstream"] = addresses[0]
+        values[f"{upstream.name}_servers"] = "\n".join(
+            f"        server {address} max_fails=1 fail_timeout=10s;" for address in addresses
+        )
+        values[f"{upstream.name}_tries"] = len(addresses)
         values[f"{upstream.name}_port"] = upstream.port
     servers = [
         fill((deploy_dir / f"{upstream.name}-server.conf").read_text(), values)
@@ -121,6 +135,12 @@ def check_inputs(settings: ProxySettings) -> None:
         if not os.access(path, os.R_OK):
             raise ProxyError(f"the TLS {label} {path} is not readable by this user")
     for upstream in settings.upstreams:
+        wrong = [a for a in upstream.addresses if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", a)]
+        if wrong or not upstream.addresses:
+            raise ProxyError(
+                f"the {upstream.name} upstream must be HOST:PORT (the model's: several, "
+                f"comma-separated), got {upstream.address!r}"
+            )
         if problem := cannot_listen(settings.host, upstream.port):
             raise ProxyError(
                 f"cannot listen on {settings.host}:{upstream.port} for the {upstream.name} "
@@ -148,14 +168,54 @@ def prepare(settings: ProxySettings, runtime: Path) -> list[str]:
     return command
 
 
-def run_proxy(settings: ProxySettings) -> int:
-    """Run nginx in the foreground until SIGINT or SIGTERM; return its exit status."""
+def start_replicas(ports: list[int]) -> list[subprocess.Popen]:
+    """`mnist-mlops serve` on each port (127.0.0.1), once every one answers /ping.
+
+    They are the proxy's children: they stop with it, killed outright included.
+    """
+    replicas = []
+    for port in ports:
+        if problem := cannot_listen("127.0.0.1", port):
+            stop_all(replicas, timeout=10)
+            raise ProxyError(f"cannot start a replica on 127.0.0.1:{port}: {problem}")
+        command = [sys.executable, "-m", "mnist_mlops", "serve", "--host", "127.0.0.1"]
+        replicas.append(
+            subprocess.Popen([*command, "--port", str(port)], preexec_fn=stop_with_parent)
+        )
+    deadline = time.monotonic() + REPLICA_START_SECONDS
+    waiting = dict(zip(ports, replicas, strict=True))
+    while waiting:
+        for port, replica in list(waiting.items()):
+            if replica.poll() is not None:
+                stop_all(replicas, timeout=10)
+                raise ProxyError(f"the replica on port {port} exited ({replica.returncode})")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                del waiting[port]
+            except OSError:
+                pass
+        if waiting and time.monotonic() > deadline:
+            stop_all(replicas, timeout=10)
+            raise ProxyError(
+                f"replicas on {sorted(waiting)} did not answer in {REPLICA_START_SECONDS} s"
+            )
+        time.sleep(0.2)
+    return replicas
+
+
+def run_proxy(settings: ProxySettings, replica_ports: list[int] | None = None) -> int:
+    """Run nginx in the foreground until SIGINT or SIGTERM; return its exit status.
+
+    With `replica_ports`, first start a model server on each and stop them afterwards.
+    """
     runtime = Path(tempfile.mkdtemp(prefix="mnist-mlops-proxy-"))
     # nginx's workers run as `nobody` when it is started as root, and write
     # temporary files under this folder.
     runtime.chmod(0o711)
+    replicas: list[subprocess.Popen] = []
     try:
         command = prepare(settings, runtime)
+        replicas = start_replicas(replica_ports or [])
         for upstream in settings.upstreams:
             print(
                 f"mnist-mlops proxy: https://{settings.host}:{upstream.port} → "
@@ -175,6 +235,7 @@ def run_proxy(settings: ProxySettings) -> int:
         signal.signal(signal.SIGTERM, stop)
         return process.wait()
     finally:
+        stop_all(replicas, timeout=10)
         shutil.rmtree(runtime, ignore_errors=True)
 
 
