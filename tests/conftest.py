@@ -209,6 +209,60 @@ def kill_processes_in(directory: Path) -> list[int]:
     return killed
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent of process `pid` (Linux /proc), None when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(root: int) -> set[int]:
+    """`root` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (parent := parent_of(int(entry.name))) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def tcp_sockets(pids: set[int], listening: bool = False) -> set[tuple[str, int]]:
+    """(local address, port) of the TCP sockets the processes `pids` hold, from /proc.
+
+    IPv4 addresses (and IPv4 mapped into IPv6) as dotted quads; `listening`: LISTEN ones only.
+    """
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] not in inodes or (listening and fields[3] != "0A"):
+                continue
+            address, port = fields[1].split(":")
+            host = address
+            if len(address) == 8:
+                host = ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
+            elif address == "0" * 24 + "01000000":
+                host = "::1"
+            elif address.startswith("0000000000000000FFFF0000"):
+                host = ".".join(str(int(address[i : i + 2], 16)) for i in (30, 28, 26, 24))
+            found.add((host, int(port, 16)))
+    return found
+
+
 def copy_project(directory: Path) -> Path:
     """Copy this project into `directory`, a fresh git repository, as a user's clone would be."""
     directory.mkdir()

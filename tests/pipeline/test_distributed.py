@@ -24,7 +24,16 @@ from mnist_mlops.pipeline.fetch import fetch
 from mnist_mlops.pipeline.preprocess import preprocess
 from mnist_mlops.pipeline.worker import epoch_order, share
 
-from ..conftest import REAL_MNIST, compose_config, free_port, run, subprocess_env, tiny_overrides
+from ..conftest import (
+    REAL_MNIST,
+    compose_config,
+    descendants,
+    free_port,
+    run,
+    subprocess_env,
+    tcp_sockets,
+    tiny_overrides,
+)
 
 pytest.importorskip("jax", reason="make install-jax")
 
@@ -129,50 +138,6 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tiny_project):
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
 
 
-def sockets_of(pids: set[int]) -> set[tuple[str, int]]:
-    """(local address, port) of every TCP socket the processes `pids` hold, from /proc."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    found = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[9] in inodes:
-                address, port = fields[1].split(":")
-                if width == 8:
-                    host = ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
-                else:
-                    host = "::1" if address == "0" * 24 + "01000000" else address
-                    if address.startswith("0000000000000000FFFF0000"):
-                        host = ".".join(str(int(address[i : i + 2], 16)) for i in (30, 28, 26, 24))
-                found.add((host, int(port, 16)))
-    return found
-
-
-def descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        found.add(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
 def test_the_stage_with_two_local_processes_logs_one_run_and_evaluates_unchanged(tiny_project):
     directory, config = tiny_project
     command = [sys.executable, "-m", "mnist_mlops", "train", "--local-processes", "2"]
@@ -182,7 +147,7 @@ def test_the_stage_with_two_local_processes_logs_one_run_and_evaluates_unchanged
         )
         seen: set[tuple[str, int]] = set()
         while stage.poll() is None:
-            seen |= sockets_of(descendants(stage.pid))
+            seen |= tcp_sockets(descendants(stage.pid))
             time.sleep(0.2)
         log.seek(0)
         output = log.read()

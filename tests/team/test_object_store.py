@@ -21,7 +21,7 @@ import yaml
 from mnist_mlops.processes import cannot_listen
 from mnist_mlops.team.object_store import grpc_sockets, keys_for, s3_client
 
-from ..conftest import REPO_ROOT, free_port, run, subprocess_env
+from ..conftest import REPO_ROOT, free_port, parent_of, run, subprocess_env, tcp_sockets
 
 if shutil.which("weed", path=str(Path(sys.executable).parent)) is None:
     pytest.skip("SeaweedFS is not installed: make install-object-store", allow_module_level=True)
@@ -82,7 +82,7 @@ def weed_of(process: subprocess.Popen) -> int:
     (weed,) = [
         pid
         for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-        if _parent(pid) == process.pid
+        if parent_of(pid) == process.pid
     ]
     return weed
 
@@ -130,37 +130,9 @@ def test_keys_reach_their_own_bucket_and_nothing_else(store):
 def test_only_the_s3_port_answers_and_every_port_is_on_loopback(store):
     _endpoint, _secret, process, port = store
     weed = weed_of(process)
-    listening = _listening_ports(weed)
+    listening = tcp_sockets({weed}, listening=True)
     assert listening and {host for host, _port in listening} == {"127.0.0.1"}, listening
     assert {port for _host, port in listening} <= set(range(port, port + 8)), listening
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
-
-
-def _listening_ports(pid: int) -> set[tuple[str, int]]:
-    inodes = {
-        os.readlink(fd)[8:-1]
-        for fd in Path(f"/proc/{pid}/fd").iterdir()
-        if os.readlink(fd).startswith("socket:[")
-    }
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[9] in inodes and fields[3] == "0A":  # LISTEN
-                address, port = fields[1].split(":")
-                host = (
-                    ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
-                    if len(address) == 8
-                    else address
-                )
-                found.add((host, int(port, 16)))
-    return found
 
 
 def test_a_restart_keeps_every_object_and_leaves_nothing_in_tmp(tmp_path):
@@ -171,7 +143,7 @@ def test_a_restart_keeps_every_object_and_leaves_nothing_in_tmp(tmp_path):
         (weed,) = [
             pid
             for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
-            if _parent(pid) == process.pid
+            if parent_of(pid) == process.pid
         ]
         arguments = Path(f"/proc/{weed}/cmdline").read_bytes().decode().split("\0")
         (config,) = [a.split("=", 1)[1] for a in arguments if a.startswith("-s3.config=")]
