@@ -365,6 +365,37 @@ def _wait_until_ready(process, command: list[str], log, ready_url: str, context=
             time.sleep(0.3)
 
 
+def without_s3_keys(env: dict) -> dict:
+    """A client's environment: no AWS_* settings at all, so it could not reach S3 itself."""
+    return {name: value for name, value in env.items() if not name.startswith("AWS_")}
+
+
+def tracking_server(postgres, database: str, destination: str, port: int, **extra: str):
+    """The command, environment and admin password of `mnist-mlops tracking-server`."""
+    admin_uri, postgres_port = postgres
+    # The same role password for the same database: a moved server reuses its database.
+    role_password = f"role-{abs(hash(database)) % 10**12}"
+    backend = f"postgresql://{database}:{role_password}@127.0.0.1:{postgres_port}/{database}"
+    password = extra.pop("admin_password", f"team-{secrets.token_hex(10)}")
+    command = [
+        *(sys.executable, "-m", "mnist_mlops", "tracking-server"),
+        *("--backend-store-uri", backend, "--admin-uri", admin_uri),
+        *("--artifacts-destination", destination, "--port", str(port)),
+    ]
+    return command, subprocess_env(MLFLOW_TRACKING_ADMIN_PASSWORD=password, **extra), password
+
+
+def client_env(url: str, password: str, **extra: str) -> dict:
+    return without_s3_keys(
+        subprocess_env(
+            MLFLOW_TRACKING_URI=url,
+            MLFLOW_TRACKING_USERNAME="admin",
+            MLFLOW_TRACKING_PASSWORD=password,
+            **extra,
+        )
+    )
+
+
 def unavailable(reason: str):
     """Skip here; in CI, where .ci/run installs what is missing, fail instead."""
     if os.environ.get("CI"):
@@ -430,9 +461,24 @@ def postgres_bindir() -> Path | None:
     return next((path for path in candidates if (path / "initdb").exists()), None)
 
 
+class PostgresCluster(tuple):
+    """(superuser URI, port), and the cluster's `stop()` and `start()` for outage tests."""
+
+    def __new__(cls, uri: str, port: int, control):
+        cluster = super().__new__(cls, (uri, port))
+        cluster.control = control
+        return cluster
+
+    def stop(self) -> None:
+        self.control("-m", "fast", "stop")
+
+    def start(self) -> None:
+        self.control("start")
+
+
 @pytest.fixture(scope="session")
 def postgres():
-    """A private PostgreSQL cluster on a free port for the session; yields (superuser URI, port)."""
+    """A private PostgreSQL cluster on a free port for the session: a PostgresCluster."""
     bindir = postgres_bindir()
     if bindir is None:
         unavailable("PostgreSQL is not installed (apt-get install postgresql)")
@@ -449,18 +495,26 @@ def postgres():
         shutil.chown(base / "password", "postgres")
     port = free_port()
     data = str(base / "data")
-    commands = [
-        [str(bindir / "initdb"), "-D", data, "-U", "postgres", "-A", "scram-sha-256"],
-        [str(bindir / "pg_ctl"), "-D", data, "-l", str(base / "log"), "-w", "-o"],
-    ]
-    commands[0].append(f"--pwfile={base / 'password'}")
-    commands[1] += [f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"]
-    for command in commands:
-        result = subprocess.run([*as_owner, *command], capture_output=True, text=True)
-        if result.returncode != 0:
-            unavailable(f"PostgreSQL could not be started: {result.stderr.strip()[-300:]}")
-    yield f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres", port
-    subprocess.run(
-        [*as_owner, str(bindir / "pg_ctl"), "-D", data, "-m", "fast", "stop"], capture_output=True
+    initdb = [str(bindir / "initdb"), "-D", data, "-U", "postgres", "-A", "scram-sha-256"]
+    initdb.append(f"--pwfile={base / 'password'}")
+    result = subprocess.run([*as_owner, *initdb], capture_output=True, text=True)
+    if result.returncode != 0:
+        unavailable(f"PostgreSQL could not be initialised: {result.stderr.strip()[-300:]}")
+
+    def control(*action: str, check: bool = True) -> subprocess.CompletedProcess:
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
+        command = [str(bindir / "pg_ctl"), "-D", data, "-l", str(base / "log"), "-w"]
+        done = subprocess.run(
+            [*as_owner, *command, "-o", options, *action], capture_output=True, text=True
+        )
+        assert not check or done.returncode == 0, done.stderr
+        return done
+
+    started = control("start", check=False)
+    if started.returncode != 0:
+        unavailable(f"PostgreSQL could not be started: {started.stderr.strip()[-300:]}")
+    yield PostgresCluster(
+        f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres", port, control
     )
+    control("-m", "fast", "stop", check=False)
     shutil.rmtree(base, ignore_errors=True)

@@ -111,6 +111,7 @@ class MlflowConfig:
     http_retries: int = 2
     http_timeout_seconds: int = 10
     system_metrics_interval_seconds: float = 1.0
+    outage_seconds: float = 120
 
     def __post_init__(self) -> None:
         if not self.experiment_name.strip():
@@ -122,6 +123,8 @@ class MlflowConfig:
             )
         if self.http_retries < 0:
             raise ValueError(f"http_retries must be 0 or more, got {self.http_retries}")
+        if self.outage_seconds < 0:
+            raise ValueError(f"outage_seconds must be 0 or more, got {self.outage_seconds}")
         if self.http_timeout_seconds <= 0:
             raise ValueError(
                 f"http_timeout_seconds must be positive, got {self.http_timeout_seconds}"

@@ -8,7 +8,6 @@ tracking URI and their MLflow login.
 import filecmp
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,40 +21,17 @@ from mlflow import MlflowClient
 
 from mnist_mlops.team.object_store import keys_for, s3_client
 
-from ..conftest import free_port, run, serving, subprocess_env
+from ..conftest import (
+    client_env,
+    free_port,
+    run,
+    serving,
+    subprocess_env,
+    tracking_server,
+    without_s3_keys,
+)
 from .test_object_store import free_port_run, object_store, weed_of
 from .test_team import first_images, mnist_runs, tiny_clone
-
-
-def without_s3_keys(env: dict) -> dict:
-    """A client's environment: no AWS_* settings at all, so it could not reach S3 itself."""
-    return {name: value for name, value in env.items() if not name.startswith("AWS_")}
-
-
-def tracking_server(postgres, database: str, destination: str, port: int, **extra: str):
-    """The command, environment and admin password of `mnist-mlops tracking-server`."""
-    admin_uri, postgres_port = postgres
-    # The same role password for the same database: a moved server reuses its database.
-    role_password = f"role-{abs(hash(database)) % 10**12}"
-    backend = f"postgresql://{database}:{role_password}@127.0.0.1:{postgres_port}/{database}"
-    password = extra.pop("admin_password", f"team-{secrets.token_hex(10)}")
-    command = [
-        *(sys.executable, "-m", "mnist_mlops", "tracking-server"),
-        *("--backend-store-uri", backend, "--admin-uri", admin_uri),
-        *("--artifacts-destination", destination, "--port", str(port)),
-    ]
-    return command, subprocess_env(MLFLOW_TRACKING_ADMIN_PASSWORD=password, **extra), password
-
-
-def client_env(url: str, password: str, **extra: str) -> dict:
-    return without_s3_keys(
-        subprocess_env(
-            MLFLOW_TRACKING_URI=url,
-            MLFLOW_TRACKING_USERNAME="admin",
-            MLFLOW_TRACKING_PASSWORD=password,
-            **extra,
-        )
-    )
 
 
 @pytest.fixture(scope="module")

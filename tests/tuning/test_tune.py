@@ -240,16 +240,40 @@ def test_every_search_space_is_valid_and_covers_its_groups():
             assert parameter.name.split(".")[0] in ("model", "optimizer", "train")
 
 
-def test_workers_on_postgresql_share_one_study(tuning, postgres):
-    """On the cluster and database that `mnist-mlops tracking-server` prepares for a team."""
+def test_workers_on_postgresql_share_one_study_through_a_database_restart(tuning, postgres):
+    """On the database `mnist-mlops tracking-server` prepares; PostgreSQL restarts mid-study."""
     project, env = tuning
     admin_uri, port = postgres
     backend = f"postgresql://mlflow_tune:{secrets.token_hex(8)}@127.0.0.1:{port}/tune"
     prepare_postgres(admin_uri, backend)
     storage = optuna_database_uri(backend)
     assert storage.endswith("/tune_optuna")
-    finish(start_workers(project, env, 2, "team", "--trials", "6", "--storage", storage, *SHORT))
+    workers = start_workers(project, env, 2, "team", "--trials", "6", "--storage", storage, *SHORT)
+
+    def running() -> bool:
+        trials = load(storage, "team").trials if "team" in study_names(storage) else []
+        done = [trial for trial in trials if trial.state in FINISHED]
+        return len(done) >= 1 and any(t.state.name == "RUNNING" for t in trials)
+
+    deadline = time.monotonic() + 300
+    while not running():
+        assert all(worker.poll() is None for worker in workers), finish(workers)
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    postgres.stop()
+    # Longer than the grace period (3 heartbeats of 1 s): every heartbeat is old after it.
+    time.sleep(8)
+    postgres.start()
+    outputs = finish(workers)
     assert_complete_study(project, storage, "team", 6)
+    assert all("the Optuna storage is back" in output for output in outputs), outputs
+    assert "stopped beating" not in "".join(outputs)
+
+
+def study_names(storage: str) -> list[str]:
+    if storage.startswith("postgresql://"):
+        storage = storage.replace("postgresql://", "postgresql+psycopg2://", 1)
+    return [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
 
 
 def test_a_killed_worker_s_trial_fails_and_its_params_are_retried(tuning):

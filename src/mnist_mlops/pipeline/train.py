@@ -34,6 +34,7 @@ from mnist_mlops.paths import (
 )
 from mnist_mlops.pipeline import distributed
 from mnist_mlops.pipeline.preprocess import load_manifest, load_split, load_weights
+from mnist_mlops.tracking.outage import RunLog, patient_requests, system_metrics
 from mnist_mlops.tracking.runs import active_run, log_dataset, provenance_tags, termination_deferred
 from mnist_mlops.tracking.store import use_experiment
 
@@ -57,18 +58,25 @@ class TrainOutputs:
         )
 
 
-def _epoch_logger():
-    """A Keras callback that logs each epoch's metrics to the active MLflow run."""
+def _epoch_logger(log_metrics=None):
+    """A Keras callback that logs each epoch's metrics to the active MLflow run.
+
+    `log_metrics(metrics, step)` defaults to a synchronous write; the stage
+    passes its RunLog's, which only queues them.
+    """
     import mlflow
 
     keras = import_keras()
 
+    def log_now(metrics: dict[str, float], step: int) -> None:
+        with termination_deferred():
+            mlflow.log_metrics(metrics, step=step)
+
+    log = log_metrics or log_now
+
     class EpochMetrics(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            with termination_deferred():
-                mlflow.log_metrics(
-                    {name: float(value) for name, value in (logs or {}).items()}, step=epoch
-                )
+            log({name: float(value) for name, value in (logs or {}).items()}, epoch)
 
     return EpochMetrics()
 
@@ -107,13 +115,11 @@ def train(
     # Under `dvc exp run` the MLflow run takes the DVC experiment's name. The
     # run starts before the seed is set, because MLflow draws its generated
     # names from Python's random module, which the seed also fixes.
-    interval = config.mlflow.system_metrics_interval_seconds
-    if interval:
-        mlflow.set_system_metrics_sampling_interval(interval)
-        mlflow.set_system_metrics_samples_before_logging(1)
-    with active_run(
-        run_name=os.environ.get("DVC_EXP_NAME"), log_system_metrics=bool(interval)
-    ) as run:
+    # Once the fit is under way, the run rides out a tracking outage of up to
+    # mlflow.outage_seconds (tracking/outage.py): the fit's logs are queued,
+    # and the requests after it wait as long.
+    outage = config.mlflow.outage_seconds
+    with ExitStack() as after_the_fit, active_run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
         keras.utils.set_random_seed(config.train.seed)
         network = build_model(config.model, config.optimizer)
         mlflow.log_params(config.flat_params())
@@ -126,30 +132,26 @@ def train(
             context="training",
         )
         started = time.perf_counter()
-        if config.train.distributed.processes > 1:
-            history = fit_across_processes(config, network, local_workers)
-        else:
-            mlflow.set_tags({"train.backend": "tensorflow", "train.processes": "1"})
-            history = fit(
-                config,
-                network,
-                (train_images, train_labels),
-                (validation_images, validation_labels),
-                weights=load_weights("train"),
-            ).history
-        fit_seconds = time.perf_counter() - started
-        mlflow.log_metric("fit_seconds", fit_seconds)
-
-        # From here on Keras's progress bars (MLflow checks the input example
-        # with model.predict) would only clutter the stage's output.
-        keras.config.disable_interactive_logging()
-        save_models(config, network, validation_images, outputs)
-        model_info = flavors.log_keras_model(network, validation_images[:1])
-        if config.serving.runtime == "onnx":
-            flavors.log_onnx_model(outputs.onnx_file, validation_images[:1])
-        curves = curves_csv(history)
-        write_text(outputs.curves_file, curves)
-        mlflow.log_text(curves, "training.csv")
+        with (
+            RunLog(run.info.run_id, outage) as run_log,
+            system_metrics(run_log, config.mlflow.system_metrics_interval_seconds),
+        ):
+            if config.train.distributed.processes > 1:
+                history = fit_across_processes(config, network, local_workers, run_log)
+            else:
+                run_log.tags({"train.backend": "tensorflow", "train.processes": "1"})
+                history = fit(
+                    config,
+                    network,
+                    (train_images, train_labels),
+                    (validation_images, validation_labels),
+                    weights=load_weights("train"),
+                    log_metrics=run_log.metrics,
+                ).history
+            fit_seconds = time.perf_counter() - started
+            run_log.metrics({"fit_seconds": fit_seconds})
+            after_the_fit.enter_context(patient_requests(outage))
+            model_info = save_and_log(config, network, validation_images, history, outputs)
         write_json(
             outputs.run_file,
             {
@@ -167,12 +169,12 @@ def train(
     return final
 
 
-def fit_across_processes(config: Config, network, local_workers: bool) -> dict[str, list[float]]:
+def fit_across_processes(
+    config: Config, network, local_workers: bool, run_log: RunLog
+) -> dict[str, list[float]]:
     """The data-parallel fit: process 0 in a child on JAX, its weights into `network` here."""
-    import mlflow
-
     processes = config.train.distributed.processes
-    mlflow.set_tags({"train.backend": "jax", "train.processes": str(processes)})
+    run_log.tags({"train.backend": "jax", "train.processes": str(processes)})
     if not local_workers:
         others = "process 1" if processes == 2 else f"processes 1–{processes - 1}"
         print(
@@ -183,8 +185,7 @@ def fit_across_processes(config: Config, network, local_workers: bool) -> dict[s
         )
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        with termination_deferred():
-            mlflow.log_metrics(metrics, step=epoch)
+        run_log.metrics(metrics, step=epoch)
 
     fitted = distributed.fit(config, local_workers, log_epoch)
     network.set_weights(fitted.weights)
@@ -192,16 +193,24 @@ def fit_across_processes(config: Config, network, local_workers: bool) -> dict[s
     if len(network.optimizer.variables) == len(fitted.optimizer):
         for variable, value in zip(network.optimizer.variables, fitted.optimizer, strict=True):
             variable.assign(value)
-    mlflow.set_tag("train.weights_sha256", fitted.digest)
+    run_log.tags({"train.weights_sha256": fitted.digest})
     return fitted.history
 
 
 def fit(
-    config: Config, network, training, validation, callbacks=(), verbose: int = 2, weights=None
+    config: Config,
+    network,
+    training,
+    validation,
+    callbacks=(),
+    verbose: int = 2,
+    weights=None,
+    log_metrics=None,
 ):
     """Fit `network` on (images, labels) pairs; every epoch's metrics go to the active run.
 
-    `weights` are per-example sample weights (the feedback's), None when all count once.
+    `weights` are per-example sample weights (the feedback's), None when all count once;
+    `log_metrics` is how each epoch's metrics are logged (see _epoch_logger).
     """
     images, labels = training
     return network.fit(
@@ -212,9 +221,26 @@ def fit(
         epochs=config.train.epochs,
         batch_size=config.train.batch_size,
         validation_batch_size=INFERENCE_BATCH_SIZE,
-        callbacks=[_epoch_logger(), *callbacks],
+        callbacks=[_epoch_logger(log_metrics), *callbacks],
         verbose=verbose,
     )
+
+
+def save_and_log(config: Config, network, validation_images, history, outputs: TrainOutputs):
+    """Save the fitted model and its curves, and log them to the run; return the model's info."""
+    import mlflow
+
+    # From here on Keras's progress bars (MLflow checks the input example
+    # with model.predict) would only clutter the stage's output.
+    import_keras().config.disable_interactive_logging()
+    save_models(config, network, validation_images, outputs)
+    model_info = flavors.log_keras_model(network, validation_images[:1])
+    if config.serving.runtime == "onnx":
+        flavors.log_onnx_model(outputs.onnx_file, validation_images[:1])
+    curves = curves_csv(history)
+    write_text(outputs.curves_file, curves)
+    mlflow.log_text(curves, "training.csv")
+    return model_info
 
 
 def save_models(config: Config, network, validation_images, outputs: TrainOutputs) -> None:

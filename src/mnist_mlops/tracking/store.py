@@ -14,12 +14,15 @@ schema: `use_experiment` sees to all three.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sqlite3
 import sys
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mnist_mlops.paths import MLFLOW_ARTIFACTS_NAME, MLFLOW_DB_NAME, project_root
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # How long a connection waits for another process's write to finish.
 SQLITE_BUSY_TIMEOUT_SECONDS = 60
+# A file system with less free space than this is reported as full.
+FULL_BELOW_BYTES = 1 << 20
 # A run's or an experiment's description, as the MLflow UI shows it.
 NOTE_TAG = "mlflow.note.content"
 EXPERIMENT_NOTE = """\
@@ -77,8 +82,29 @@ def tracking_uri() -> str:
     return f"sqlite:///{database}?timeout={SQLITE_BUSY_TIMEOUT_SECONDS}"
 
 
+def full_places() -> list[str]:
+    """Where this machine writes for the store and the stage, each with no space left."""
+    root = project_root()
+    places = {  # the embedded store's (absent with a tracking server)
+        f"MLflow's artifact store {root / MLFLOW_ARTIFACTS_NAME}": root / MLFLOW_ARTIFACTS_NAME,
+        f"MLflow's database {root / MLFLOW_DB_NAME}": root / MLFLOW_DB_NAME,
+        "the working directory": Path.cwd(),
+        "the temporary folder": tempfile.gettempdir(),
+    }
+    full = []
+    for name, path in places.items():
+        with suppress(OSError):
+            stats = os.statvfs(path)
+            if stats.f_bavail * stats.f_frsize < FULL_BELOW_BYTES:
+                full.append(name)
+    return full
+
+
 def store_failure(error: BaseException) -> str | None:
-    """One line for an error of the MLflow store (down, refusing, …); None for any other error."""
+    """One line for an error of the MLflow store (down, refusing, full …); None for any other."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = " and ".join(full_places()) or "a file system this stage writes to"
+        return f"no space left: {where} is full ({error.strerror})"
     # Commands that never touch MLflow never import it (it costs a second).
     mlflow_exceptions = sys.modules.get("mlflow.exceptions")
     if mlflow_exceptions is None or not isinstance(error, mlflow_exceptions.MlflowException):

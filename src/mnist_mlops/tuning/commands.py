@@ -45,6 +45,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="seconds without a heartbeat before a trial is failed and retried (3 heartbeats)",
     )
     tune.add_argument(
+        "--storage-outage",
+        type=float,
+        default=120,
+        help="seconds a trial waits for a storage that went away before its worker fails",
+    )
+    tune.add_argument(
         "--export", action="store_true", help="only write the best trial's experiment preset"
     )
     tune.add_argument(

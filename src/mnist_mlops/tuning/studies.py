@@ -43,10 +43,22 @@ def masked(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, on_stale: Callable):
-    """Connect to the storage (creating its tables once); a bad one fails with one line."""
+def open_storage(
+    url: str,
+    heartbeat_seconds: int,
+    grace_seconds: int,
+    on_stale: Callable | None,
+    outage_seconds: float = 0,
+):
+    """Connect to the storage (creating its tables once); a bad one fails with one line.
+
+    Once connected, its calls wait out an outage of up to `outage_seconds`
+    (tuning/patient_storage.py).
+    """
     import optuna
     import sqlalchemy.exc
+
+    from mnist_mlops.tuning.patient_storage import patient_storage_class
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     given, engine_kwargs, database = url, {}, None
@@ -62,7 +74,7 @@ def open_storage(url: str, heartbeat_seconds: int, grace_seconds: int, on_stale:
         }
 
     def connect():
-        return optuna.storages.RDBStorage(
+        return patient_storage_class(outage_seconds)(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_seconds,

@@ -36,8 +36,10 @@ def tune(arguments: argparse.Namespace) -> int:
         raise studies.StudyError(f"study name {arguments.study!r}: use letters, digits, - and _")
     if min(arguments.trials, arguments.heartbeat) <= 0:
         raise studies.StudyError("--trials and --heartbeat must be positive")
-    if min(arguments.startup_trials, arguments.prune_after) < 0:
-        raise studies.StudyError("--startup-trials and --prune-after must be 0 or more")
+    if min(arguments.startup_trials, arguments.prune_after, arguments.storage_outage) < 0:
+        raise studies.StudyError(
+            "--startup-trials, --prune-after and --storage-outage must be 0 or more"
+        )
     storage_url = (
         arguments.storage or os.environ.get(studies.STORAGE_ENV) or studies.default_storage()
     )
@@ -64,7 +66,9 @@ def tune(arguments: argparse.Namespace) -> int:
         study_runs.fail_trial_run(trial)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
 
-    storage = studies.open_storage(storage_url, arguments.heartbeat, grace, on_stale)
+    storage = studies.open_storage(
+        storage_url, arguments.heartbeat, grace, on_stale, arguments.storage_outage
+    )
     max_epochs = max(
         [p.high for p in space.parameters if p.name == "train.epochs"] or [base.train.epochs]
     )
