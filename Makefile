@@ -109,7 +109,7 @@ proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|bo
 monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
 	mnist-mlops monitoring --targets $(TARGETS)
 
-benchmark: install install-spark install-jax install-object-store ## Benchmark the pipeline, the server, a swap, batch scoring, the serving environment's size, tune, monitoring, data-parallel training, the object store
+benchmark: install install-spark install-jax install-object-store ## Benchmark the pipeline, the server, a swap, replicas, batch scoring, the serving environment's size, tune, monitoring, data-parallel training, the object store, a tracking outage
 	python benchmarks/pipeline.py
 	python benchmarks/serving.py
 	python benchmarks/swap.py
@@ -120,6 +120,7 @@ benchmark: install install-spark install-jax install-object-store ## Benchmark t
 	python benchmarks/monitoring.py
 	python benchmarks/distributed.py
 	python benchmarks/object_store.py
+	python benchmarks/outage.py
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
 	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -66,6 +66,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def run(arguments: argparse.Namespace) -> int:
     from mnist_mlops.config import ConfigError
     from mnist_mlops.tracking.store import report_store_failure
+    from mnist_mlops.tuning.patient_storage import StorageAway
     from mnist_mlops.tuning.search import SearchError
     from mnist_mlops.tuning.tune import tune
 
@@ -74,6 +75,9 @@ def run(arguments: argparse.Namespace) -> int:
     except (SearchError, studies.StudyError, ConfigError) as error:
         print(f"mnist-mlops tune: {error}", file=sys.stderr)
         return 2
+    except StorageAway as error:
+        print(f"mnist-mlops tune: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as interruption:
         print(
             f"mnist-mlops tune: interrupted {interruption}; the same command resumes the study",

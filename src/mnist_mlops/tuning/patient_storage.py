@@ -58,6 +58,10 @@ DATABASE_METHODS = (
 )
 
 
+class StorageAway(RuntimeError):
+    """The storage stayed unreachable for longer than the bound."""
+
+
 def unreachable(error: BaseException) -> bool:
     """Whether an error (or what caused it) says the database could not be reached."""
     import sqlalchemy.exc
@@ -91,7 +95,11 @@ def patient_storage_class(outage_seconds: float):
                     flush=True,
                 )
             if now - outage["since"] >= outage_seconds:
-                raise error
+                reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+                raise StorageAway(
+                    f"the Optuna storage was away for more than {outage_seconds:g} s "
+                    f"(--storage-outage): {reason}"
+                ) from error
         time.sleep(RETRY_EVERY_SECONDS)
 
     def answered() -> None:
