@@ -43,6 +43,10 @@ SECRET_MIN_LENGTH = 32
 # Each bucket reserves 7 volume slots; 100 leave room for many buckets.
 VOLUME_SLOTS = 100
 READY_TIMEOUT_SECONDS = 60
+# A probe of about 1 KB kept in each bucket: content that lives in a volume, not in
+# the filer's entry, so that reading it back proves the volumes answer.
+READY_KEY = ".ready"
+READY_PROBE = b"mnist-mlops object store probe\n" * 32
 _ACTIONS = ("Read", "Write", "List", "Tagging")
 _GRPC_SERVICES = ("master", "volume", "filer", "s3")
 
@@ -197,7 +201,10 @@ def s3_client(endpoint: str, keys: Keys | None):
 
 
 def wait_until_ready(endpoint: str, admin: Keys, process: subprocess.Popen, log: Path) -> float:
-    """Seconds until the S3 gateway accepts a signed write; ObjectStoreError if it never does."""
+    """Seconds until every bucket reads back its probe and takes a new one (a signed write).
+
+    ObjectStoreError if that never happens within READY_TIMEOUT_SECONDS.
+    """
     client = s3_client(endpoint, admin)
     started = time.monotonic()
     while time.monotonic() - started < READY_TIMEOUT_SECONDS:
@@ -208,10 +215,15 @@ def wait_until_ready(endpoint: str, admin: Keys, process: subprocess.Popen, log:
             for bucket in BUCKETS:
                 with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                     client.create_bucket(Bucket=bucket)
-            # A write into every bucket: after a restart, their volumes are loaded too.
             for bucket in BUCKETS:
-                client.put_object(Bucket=bucket, Key=".ready", Body=b"")
-                client.delete_object(Bucket=bucket, Key=".ready")
+                # After a restart, the probe the last start left must read back whole:
+                # a write alone goes to any writable volume, while an old object's
+                # volume may not be registered yet.
+                with contextlib.suppress(client.exceptions.NoSuchKey):
+                    kept = client.get_object(Bucket=bucket, Key=READY_KEY)["Body"].read()
+                    if kept != READY_PROBE:
+                        raise ObjectStoreError(f"{bucket}/{READY_KEY} reads back wrong")
+                client.put_object(Bucket=bucket, Key=READY_KEY, Body=READY_PROBE)
             return time.monotonic() - started
         except Exception:  # not up yet: connection refused, no leader, no volume yet
             time.sleep(0.2)
