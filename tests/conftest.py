@@ -116,6 +116,7 @@ def tiny_overrides(source: Path | str) -> list[str]:
     return [
         f"data.source={source}",
         "data.sha256sums=SHA256SUMS",
+        "data.checksum_list_overrides=true",
         "data.train_examples=null",
         "data.test_examples=null",
         "train.epochs=2",
@@ -518,3 +519,19 @@ def postgres():
     )
     control("-m", "fast", "stop", check=False)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def listener_of(port: int) -> int:
+    """The pid of the process that listens on 127.0.0.1:`port`."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and ("127.0.0.1", port) in tcp_sockets({int(entry.name)}, True):
+            return int(entry.name)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def resident_megabytes(pid: int) -> float:
+    """What the process holds in memory now (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")

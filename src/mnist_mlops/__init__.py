@@ -2,8 +2,9 @@
 
 The package is a house in wings, one subpackage per concern, on shared ground:
 
-    ground      paths.py, atomic.py, processes.py   where things are; how files
-                are written; how a command runs a server in the foreground
+    ground      paths.py, atomic.py, processes.py, untrusted.py   where things
+                are; how files are written; how a command runs a server in the
+                foreground; how a file someone else made is read
     model/      the network's architectures, its ONNX export, the served
                 classifier and how models are logged to MLflow
     config.py   params.yaml validated against the schema (model/ gives the
@@ -28,7 +29,7 @@ that enforces it.
 __version__ = "0.1.0"
 
 LAYERS = (
-    ("paths", "atomic", "processes"),
+    ("paths", "atomic", "processes", "untrusted"),
     ("model",),
     ("config",),
     ("tracking",),

@@ -35,6 +35,7 @@ class DataConfig:
     sha256: dict[str, str] = field(default_factory=dict)
     format: str = "auto"
     sha256sums: Optional[str] = None  # noqa: UP045 (OmegaConf needs typing.Optional)
+    checksum_list_overrides: bool = False
     timeout_seconds: float = 30.0
     retries: int = 3
     train_examples: Optional[int] = None  # noqa: UP045

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -20,9 +21,16 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from ..conftest import free_port, run, subprocess_env, train_champion
+from ..conftest import descendants, free_port, run, subprocess_env, tcp_sockets, train_champion
 
 MODEL = "mnist-classifier"
+# A driver that does not know the cluster's secret, trying to run a job on it.
+ANONYMOUS_DRIVER = """
+import sys
+from pyspark.sql import SparkSession
+session = SparkSession.builder.master(sys.argv[1]).config("spark.authenticate", "false")
+session.getOrCreate().range(1).count()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -71,26 +79,58 @@ def rejected(path: Path) -> dict:
 
 @contextmanager
 def standalone_cluster(tmp_path: Path):
-    """`mnist-mlops spark-cluster` on free ports; yields the master's URL once a worker is in."""
+    """`mnist-mlops spark-cluster` on free ports; yields the master's URL, the cluster's pid,
+    the environment that holds its secret, and its UI's port, once a worker is in."""
     port, ui, worker_ui = free_port(), free_port(), free_port()
     command = [
         *(sys.executable, "-m", "mnist_mlops", "spark-cluster", "--port", str(port)),
         *("--ui-port", str(ui), "--worker-ui-port", str(worker_ui), "--memory", "1g"),
     ]
+    env = subprocess_env(MNIST_SPARK_SECRET_FILE=str(tmp_path / "spark.secret"))
     log = tmp_path / "cluster.log"
     with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         while f"spark://127.0.0.1:{port} with one worker" not in log.read_text():
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
-        with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json", timeout=5) as answer:
-            assert json.load(answer)["aliveworkers"] == 1
-        yield f"spark://127.0.0.1:{port}"
+        assert master_state(ui)["aliveworkers"] == 1
+        yield f"spark://127.0.0.1:{port}", process.pid, env, ui
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0, log.read_text()
+
+
+def watch_command_lines():
+    """Read every process's command line until the returned function is called; it returns them."""
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        seen.add((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                    except (OSError, UnicodeDecodeError):
+                        continue
+            stop.wait(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
+    def finish() -> str:
+        stop.set()
+        watcher.join()
+        return "\n".join(seen)
+
+    return finish
+
+
+def master_state(ui_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json", timeout=5) as answer:
+        return json.load(answer)
 
 
 def test_local_and_spark_agree_and_bad_rows_are_rejected(store, tmp_path):
@@ -142,10 +182,41 @@ def test_a_standalone_cluster_scores_the_same(store, tmp_path):
     _directory, _env, images, _labels = store
     source = batch_file(tmp_path / "batch.parquet", images, BAD_ROWS[:1])
     score(store, str(source), str(tmp_path / "local"))
-    with standalone_cluster(tmp_path) as master:
+    with standalone_cluster(tmp_path) as (master, cluster, env, ui):
+        secret = (tmp_path / "spark.secret").read_text().strip()
+        seen = watch_command_lines()
         result = score(
-            store, str(source), str(tmp_path / "cluster"), "--engine", "spark", "--master", master
+            store,
+            *(str(source), str(tmp_path / "cluster"), "--engine", "spark", "--master", master),
+            env={**store[1], "MNIST_SPARK_SECRET_FILE": env["MNIST_SPARK_SECRET_FILE"]},
         )
+        shown = seen()
+        # The driver, the master, the worker and the executor all ran, none with the secret in argv.
+        assert "SparkSubmit" in shown and "CoarseGrainedExecutorBackend" in shown
+        assert secret not in shown
+        assert [app["name"] for app in master_state(ui)["completedapps"]] == ["mnist-mlops score"]
+        # No route to run code without the secret: no REST submission server,
+        # every listening socket on 127.0.0.1, and a driver without the secret
+        # never gets an application registered (so never an executor).
+        listening = tcp_sockets(descendants(cluster), listening=True)
+        assert {address for address, _port in listening} == {"127.0.0.1"}
+        assert 6066 not in {port for _address, port in listening}
+        stranger = subprocess.Popen(
+            [sys.executable, "-c", ANONYMOUS_DRIVER, master],
+            env={key: value for key, value in store[1].items() if key != "_SPARK_AUTH_SECRET"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and stranger.poll() is None:
+                assert master_state(ui)["activeapps"] == []
+                time.sleep(1)
+        finally:
+            stranger.kill()
+            stranger.wait()
+        assert len(master_state(ui)["completedapps"]) == 1
+    assert (tmp_path / "spark.secret").stat().st_mode & 0o777 == 0o600
     assert f"(spark {master}; " in result.stdout
     ours, theirs = read_output(tmp_path / "local"), read_output(tmp_path / "cluster")
     assert np.array_equal(ours["digit"], theirs["digit"])

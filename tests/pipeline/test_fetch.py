@@ -15,6 +15,7 @@ from mnist_mlops.pipeline.fetch import (
     NPZ_FILE,
     FetchError,
     choose_files,
+    expected_checksums,
     fetch,
     parse_checksums,
 )
@@ -91,11 +92,34 @@ def test_fetches_the_four_idx_files_over_http(workdir, http_mirror):
 
 def test_mirror_environment_variable_replaces_the_source(workdir, mirror, monkeypatch):
     monkeypatch.setenv("MNIST_MIRROR", str(mirror))
-    # The configured source is unreachable and its checksums are the official ones:
-    # the mirror's own SHA256SUMS must be used.
-    config = validate(compose_config("data.source=http://127.0.0.1:9/nowhere")).data
+    # The configured source is unreachable; the mirror's own SHA256SUMS replaces
+    # the official checksums only because the config says so explicitly.
+    config = validate(
+        compose_config(
+            "data.source=http://127.0.0.1:9/nowhere", "data.checksum_list_overrides=true"
+        )
+    ).data
     fetch(config)
     assert (RAW_DATA_DIR / NPZ_FILE).read_bytes() == (mirror / NPZ_FILE).read_bytes()
+
+
+def test_a_mirrors_own_checksums_never_replace_the_pinned_hash(workdir, mirror, monkeypatch):
+    """A tampered mnist.npz with a SHA256SUMS to match is refused against data.sha256."""
+    monkeypatch.setenv("MNIST_MIRROR", str(mirror))
+    config = validate(compose_config("data.source=http://127.0.0.1:9/nowhere")).data
+    pinned = config.sha256[NPZ_FILE]
+    with pytest.raises(FetchError, match="sha256 mismatch") as error:
+        fetch(config)
+    assert pinned in str(error.value)
+    assert "never replaces a pinned hash" in str(error.value)
+    assert not RAW_DATA_DIR.exists()
+    # A file the config does not pin is still taken from the list.
+    checksums = expected_checksums(config, str(mirror))
+    assert checksums[NPZ_FILE] == pinned
+    assert (
+        checksums[IDX_FILES["train_images"]]
+        == hashlib.sha256((mirror / IDX_FILES["train_images"]).read_bytes()).hexdigest()
+    )
 
 
 def test_wrong_checksum_names_source_and_both_digests(workdir, mirror):

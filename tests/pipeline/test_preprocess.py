@@ -103,7 +103,7 @@ def test_expected_counts_are_enforced(workdir, config):
 
 def test_object_arrays_are_refused_not_unpickled(workdir, config):
     write_raw_npz(x_train=np.array([object()] * TRAIN_EXAMPLES, dtype=object))
-    with pytest.raises(DataError, match="not a readable npz"):
+    with pytest.raises(DataError, match="holds Python objects; refused"):
         read_npz(RAW_DATA_DIR / NPZ_FILE)
 
 

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_mlops.monitoring.features import image_features
+from mnist_mlops.monitoring.inference_log import REQUEST_ID
 from mnist_mlops.monitoring.log_files import log_files, read_feedback, read_rows
 
 from ..conftest import free_port, run, serving, subprocess_env, train_champion
@@ -75,6 +76,10 @@ def predict(url: str, images: np.ndarray, request_id: str | None = None) -> tupl
     headers = {"X-Request-ID": request_id} if request_id else {}
     status, answer, answer_headers = call(url, "/invocations", {"inputs": images.tolist()}, headers)
     assert status == 200, answer
+    if request_id and REQUEST_ID.match(request_id):
+        assert answer_headers["x-client-request-id"] == request_id
+    else:
+        assert "x-client-request-id" not in answer_headers
     return answer_headers["x-request-id"], [row["digit"] for row in answer["predictions"]]
 
 
@@ -136,12 +141,17 @@ def test_metrics_count_exactly_what_was_served(store, replicas):
 def test_the_log_holds_exactly_the_rows_sent_with_the_ids_returned(store, replicas):
     _directory, _uri, images = store
     url_a, url_b, log_dir = replicas
+    # The id that names a request is always the server's; the client's own is kept beside it.
     given, _ = predict(url_a, images[:3], request_id="client-chosen-1")
-    assert given == "client-chosen-1"
+    assert given != "client-chosen-1" and len(given) == 32
     generated, _ = predict(url_b, images[3:5], request_id="not a valid id!")
     assert generated != "not a valid id!" and len(generated) == 32
     rows = rows_of(log_dir, {given, generated}, 5)
     assert sorted(rows["request_id"].tolist()) == sorted([given] * 3 + [generated] * 2)
+    clients = dict(
+        zip(rows["request_id"].tolist(), rows["client_request_id"].tolist(), strict=True)
+    )
+    assert clients == {given: "client-chosen-1", generated: ""}
     for request_id, sent in ((given, images[:3]), (generated, images[3:5])):
         mine = rows["request_id"] == request_id
         assert rows["position"][mine].tolist() == list(range(len(sent)))
@@ -229,9 +239,13 @@ def test_a_bare_server_has_neither_metrics_nor_a_log(store, tmp_path):
     command = serve_command(port, log_dir, "--no-metrics", "--no-log", "--follow-seconds", "0")
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     with serving(command, env, f"http://127.0.0.1:{port}", "/ping", directory) as url:
-        status, _answer, headers = call(url, "/invocations", {"inputs": images[:1].tolist()})
-        assert status == 200 and "x-request-id" not in {name.lower() for name in headers}
+        status, _answer, _headers = call(url, "/invocations", {"inputs": images[:1].tolist()})
+        assert status == 200
         assert call(url, "/metrics")[0] == 404
+        # The request limits hold without metrics or a log too.
+        too_many = {"inputs": [[0]] * (MAX_BATCH * 100)}
+        status, answer, _headers = call(url, "/invocations", too_many)
+        assert status == 400 and f"more than {MAX_BATCH} images" in answer["message"]
         assert call(url, "/feedback", {"request_id": "any", "digits": [1]})[0] == 404
     assert not log_dir.exists()
 

@@ -117,6 +117,12 @@ def test_plain_http_is_redirected_to_https_and_never_reaches_the_model(model_ser
     answer = connection.getresponse()
     assert answer.status == 308
     assert answer.getheader("Location") == f"https://{host}:{port}/invocations"
+    answer.read()
+    # The redirect goes to the configured name, whatever Host the client claims.
+    connection.request("GET", "/", headers={"Host": "evil.example"})
+    answer = connection.getresponse()
+    assert answer.status == 308
+    assert answer.getheader("Location") == f"https://{host}:{port}/"
     connection.close()
     assert invocations_logged(log) == before
 

@@ -6,6 +6,16 @@ scripts, so the master and the worker are started with it, both bound to
 127.0.0.1 (`--host`, SPARK_LOCAL_IP), their work and logs in a temporary
 folder. It prints the master's URL once a worker has registered, and stops
 both on Ctrl-C or SIGTERM.
+
+Nothing on it runs code for someone without the cluster's secret: Spark's
+REST submission server (6066 by default, no login) is off, every RPC
+connection is authenticated with a shared secret (`spark.authenticate`), and
+the web UIs cannot kill applications. The secret comes from a 0600 file
+(`spark.secret`, or MNIST_SPARK_SECRET_FILE), made at the first start and
+handed to the daemons in their environment, never on a command line; `mnist-mlops
+score --engine spark` reads the same file. The ports it opens, all on
+127.0.0.1: the master's (7077), its UI (8080), the worker's UI (8081) and
+the worker's own RPC port (a free one).
 """
 
 from __future__ import annotations
@@ -13,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -25,6 +37,16 @@ from mnist_mlops.batch.formats import BatchError
 from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent, wait_in_foreground
 
 HOST = "127.0.0.1"
+SECRET_FILE_ENV = "MNIST_SPARK_SECRET_FILE"
+SECRET_FILE = Path("spark.secret")
+# Spark's standalone daemons read their shared secret from this variable.
+SECRET_ENV = "_SPARK_AUTH_SECRET"
+# What every daemon of the cluster runs with (a properties file, not argv).
+PROPERTIES = {
+    "spark.master.rest.enabled": "false",
+    "spark.authenticate": "true",
+    "spark.ui.killEnabled": "false",
+}
 
 
 @dataclass(frozen=True)
@@ -36,7 +58,44 @@ class ClusterSettings:
     memory: str = "2g"
 
 
-def commands(settings: ClusterSettings) -> list[list[str]]:
+def java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    candidate = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not candidate or not os.access(candidate, os.X_OK):
+        raise BatchError(
+            "the spark engine needs Java 17 and found none: install it "
+            "(Debian: apt install openjdk-17-jre-headless) or set JAVA_HOME"
+        )
+    return candidate
+
+
+def secret_file() -> Path:
+    return Path(os.environ.get(SECRET_FILE_ENV) or SECRET_FILE)
+
+
+def read_or_make_secret(path: Path, make: bool) -> str:
+    """The cluster's shared secret; made (0600) when `make` and there is none yet."""
+    if make and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        raise BatchError(
+            f"no Spark secret at {path}: the cluster makes it at its first start "
+            f"(mnist-mlops spark-cluster); point {SECRET_FILE_ENV} at its file"
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise BatchError(f"{path} is readable by others: chmod 600 {path}")
+    if len(secret) < 32:
+        raise BatchError(f"the Spark secret in {path} must be at least 32 characters")
+    return secret
+
+
+def commands(settings: ClusterSettings, properties: Path) -> list[list[str]]:
     try:
         import pyspark
     except ImportError:
@@ -48,11 +107,13 @@ def commands(settings: ClusterSettings) -> list[list[str]]:
         [
             *(spark_class, "org.apache.spark.deploy.master.Master", "--host", HOST),
             *("--port", str(settings.port), "--webui-port", str(settings.ui_port)),
+            *("--properties-file", str(properties)),
         ],
         [
             *(spark_class, "org.apache.spark.deploy.worker.Worker", "--host", HOST),
             *("--webui-port", str(settings.worker_ui_port), "--cores", str(settings.cores)),
-            *("--memory", settings.memory, f"spark://{HOST}:{settings.port}"),
+            *("--memory", settings.memory, "--properties-file", str(properties)),
+            f"spark://{HOST}:{settings.port}",
         ],
     ]
 
@@ -73,23 +134,25 @@ def wait_for_worker(settings: ClusterSettings, processes, seconds: float = 90) -
 
 def run_cluster(settings: ClusterSettings) -> int:
     """Run the master and a worker until SIGINT or SIGTERM, or until one of them exits."""
-    from mnist_mlops.batch.spark import java
-
     java()
+    secret = read_or_make_secret(secret_file(), make=True)
     for port in (settings.port, settings.ui_port, settings.worker_ui_port):
         problem = cannot_listen(HOST, port)
         if problem:
             raise BatchError(f"cannot listen on {HOST}:{port}: {problem}")
     runtime = Path(tempfile.mkdtemp(prefix="mnist-mlops-spark-"))
+    properties = runtime / "spark-defaults.conf"
+    properties.write_text("".join(f"{key} {value}\n" for key, value in PROPERTIES.items()))
     env = {
         **os.environ,
+        SECRET_ENV: secret,
         "SPARK_LOCAL_IP": HOST,
         "SPARK_WORKER_DIR": str(runtime / "work"),
         "SPARK_LOG_DIR": str(runtime / "logs"),
     }
     processes: list[subprocess.Popen] = []
     try:
-        for command, name in zip(commands(settings), ("master", "worker"), strict=True):
+        for command, name in zip(commands(settings, properties), ("master", "worker"), strict=True):
             with open(runtime / f"{name}.log", "w") as log:
                 processes.append(
                     subprocess.Popen(

@@ -11,7 +11,6 @@ The file is written atomically.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,28 +18,28 @@ import numpy as np
 from mnist_mlops.atomic import atomic_path
 from mnist_mlops.batch.formats import ID, IMAGE, IMAGE_SUFFIXES, BatchError
 from mnist_mlops.model.architectures import IMAGE_SHAPE
+from mnist_mlops.untrusted import UntrustedFileError, declared_arrays, labels_in_range, load_npz
 
 
 def from_npz(source: Path, array: str) -> dict:
+    """The images (and labels) of an `.npz`, their declared sizes checked before loading."""
     try:
-        with np.load(source, allow_pickle=False) as archive:
-            if array not in archive.files:
-                raise BatchError(
-                    f"{source}: no array {array!r} (it has {', '.join(archive.files)})"
-                )
-            images = archive[array]
-            label_name = "labels" if "labels" in archive.files else array.replace("x_", "y_", 1)
-            labels = archive[label_name] if label_name in archive.files else None
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise BatchError(f"{source}: not a readable .npz ({error})") from None
-    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
-        raise BatchError(
-            f"{source}: {array} must be uint8 of shape (N, 28, 28), "
-            f"got {images.dtype} {images.shape}"
-        )
-    columns = {ID: np.arange(len(images), dtype=np.int64), IMAGE: images}
-    if labels is not None and len(labels) == len(images):
-        columns["label"] = labels.astype(np.int8)
+        declared = declared_arrays(source)
+        if array not in declared:
+            raise BatchError(f"{source}: no array {array!r} (it has {', '.join(declared)})")
+        dtype, shape = declared[array]
+        if dtype != np.uint8 or tuple(shape[1:]) != IMAGE_SHAPE:
+            raise BatchError(
+                f"{source}: {array} must be uint8 of shape (N, 28, 28), got {dtype} {shape}"
+            )
+        label_name = "labels" if "labels" in declared else array.replace("x_", "y_", 1)
+        arrays = load_npz(source, [array, label_name])
+        images, labels = arrays[array], arrays.get(label_name)
+        columns = {ID: np.arange(len(images), dtype=np.int64), IMAGE: images}
+        if labels is not None and len(labels) == len(images):
+            columns["label"] = labels_in_range(labels, f"{source}: {label_name}").astype(np.int8)
+    except UntrustedFileError as error:
+        raise BatchError(str(error)) from None
     return columns
 
 
@@ -78,5 +77,6 @@ def write_input(source: Path, target: Path, array: str = "images") -> int:
         }
     )
     with atomic_path(target) as temporary:
-        pq.write_table(table, temporary)
+        # Images are unique: a dictionary would only cost the reader (formats.read_batches).
+        pq.write_table(table, temporary, use_dictionary=[ID])
     return len(images)

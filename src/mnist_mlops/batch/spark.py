@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_mlops.batch.cluster import java, read_or_make_secret, secret_file
 from mnist_mlops.batch.formats import (
     ID,
     IMAGE,
@@ -43,17 +44,6 @@ from mnist_mlops.model.architectures import NUM_CLASSES
 MODEL_ARCHIVE = "model.tar.gz"
 LOG_CONFIG = Path(__file__).with_name("log4j2.properties")
 PANDAS_WARNING = "PySpark does not yet fully support pandas"
-
-
-def java() -> str:
-    home = os.environ.get("JAVA_HOME")
-    candidate = str(Path(home) / "bin" / "java") if home else shutil.which("java")
-    if not candidate or not os.access(candidate, os.X_OK):
-        raise BatchError(
-            "the spark engine needs Java 17 and found none: install it "
-            "(Debian: apt install openjdk-17-jre-headless) or set JAVA_HOME"
-        )
-    return candidate
 
 
 def check_master(master: str) -> None:
@@ -94,20 +84,33 @@ def start_session(master: str):
     # The driver's JVM starts before the builder's settings are read: its log
     # configuration goes on spark-submit's command line.
     logging = f"-Dlog4j.configurationFile={LOG_CONFIG}"
-    os.environ.setdefault("PYSPARK_SUBMIT_ARGS", f'--driver-java-options "{logging}" pyspark-shell')
-    session = (
-        SparkSession.builder.master(master)
-        .appName("mnist-mlops score")
-        .config("spark.driver.host", address)
-        .config("spark.driver.bindAddress", address)
-        .config("spark.executor.extraJavaOptions", logging)
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.pyspark.python", python)
-        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-        .config("spark.sql.session.timeZone", "UTC")
-        .getOrCreate()
-    )
+    submit = f'--driver-java-options "{logging}" pyspark-shell'
+    with tempfile.TemporaryDirectory(prefix="mnist-mlops-spark-") as private:
+        if master.startswith("spark://"):
+            # A standalone master of `mnist-mlops spark-cluster` talks only to
+            # holders of its secret. The builder's settings end up on
+            # spark-submit's command line, which every local user can read: the
+            # secret goes in a 0600 properties file the JVM reads at its start.
+            properties = Path(private) / "spark.properties"
+            secret = read_or_make_secret(secret_file(), make=False)
+            descriptor = os.open(properties, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(descriptor, "w") as stream:
+                stream.write(f"spark.authenticate true\nspark.authenticate.secret {secret}\n")
+            submit = f"--properties-file {properties} {submit}"
+        os.environ["PYSPARK_SUBMIT_ARGS"] = submit
+        session = (
+            SparkSession.builder.master(master)
+            .appName("mnist-mlops score")
+            .config("spark.driver.host", address)
+            .config("spark.driver.bindAddress", address)
+            .config("spark.executor.extraJavaOptions", logging)
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.pyspark.python", python)
+            .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+            .config("spark.sql.session.timeZone", "UTC")
+            .getOrCreate()
+        )
     session.sparkContext.setLogLevel("ERROR")
     return session
 

@@ -8,6 +8,7 @@ recorded; a bad file changes nothing.
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from mnist_mlops.monitoring.inference_log import REQUEST_ID, save_feedback
 from mnist_mlops.monitoring.log_files import RequestIndex, read_feedback
 
 COLUMNS = ["request_id", "position", "digit"]
+DIGIT = re.compile(r"[0-9]")
+# Positions are stored as int16; no request holds more images than that.
+MAX_POSITION = 32767
+POSITION = re.compile(r"[0-9]{1,5}")
 
 
 class FeedbackError(ValueError):
@@ -57,21 +62,29 @@ def _row(path: Path, number: int, fields: list[str]) -> tuple[str, int, int]:
     request_id, position, digit = (field.strip() for field in fields)
     if not REQUEST_ID.match(request_id):
         raise FeedbackError(f"{where}: {request_id!r} is not a request id")
-    if not position.isdigit():
-        raise FeedbackError(f"{where}: the position must be 0 or more, got {position!r}")
-    if not (digit.isdigit() and 0 <= int(digit) <= 9):
+    # ASCII digits only: str.isdigit() also takes "²" and "٣", which int() refuses or reads.
+    if not POSITION.fullmatch(position):
+        raise FeedbackError(
+            f"{where}: the position must be a whole number in 0–{MAX_POSITION}, got {position!r}"
+        )
+    if not DIGIT.fullmatch(digit):
         raise FeedbackError(f"{where}: the digit must be in 0–9, got {digit!r}")
+    if int(position) > MAX_POSITION:
+        raise FeedbackError(
+            f"{where}: the position must be a whole number in 0–{MAX_POSITION}, got {position!r}"
+        )
     return request_id, int(position), int(digit)
 
 
 def record(directory: Path, rows: list[tuple[str, int, int]]) -> FeedbackSummary:
     """Record the rows that match a logged image and have no true digit yet."""
-    index = RequestIndex(directory)
+    # One read of the folder for all the rows: an unknown id costs a dict lookup.
+    images_of = RequestIndex(directory).all_requests()
     known = read_feedback(directory)
     fresh, unknown, duplicated = [], 0, 0
     seen = set(known)
     for request_id, position, digit in rows:
-        images = index.images_of(request_id)
+        images = images_of.get(request_id)
         if images is None or position >= images:
             unknown += 1
         elif (request_id, position) in seen:

@@ -117,18 +117,25 @@ class InferenceLog:
     # The request path: enqueue and return.
 
     def submit_rows(
-        self, request_id: str, images: np.ndarray, answers: list[dict], version: str | None = None
+        self,
+        request_id: str,
+        images: np.ndarray,
+        answers: list[dict],
+        version: str | None = None,
+        client_request_id: str = "",
     ) -> bool:
         """Queue one request's images and the model's answers (digit and probabilities each).
 
         `version` is the model version that answered (a server that follows an
         alias swaps versions); by default the one the log was opened with.
+        `client_request_id` is the client's own id for the request, if it gave one.
         False when the request was sampled out or its rows dropped.
         """
         if self.settings.sample_rate < 1 and random.random() >= self.settings.sample_rate:
             return False
         version = self.model_version if version is None else version
-        return self._put((ROWS, request_id, time.time(), images, answers, version), len(images))
+        item = (ROWS, request_id, time.time(), images, answers, version, client_request_id)
+        return self._put(item, len(images))
 
     def submit_feedback(self, request_id: str, digits: list[int]) -> bool:
         return self._put((FEEDBACK, request_id, time.time(), digits), 0)
@@ -185,6 +192,9 @@ class InferenceLog:
         pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
         arrays = {
             "request_id": np.array([item[1] for item in rows for _ in range(len(item[3]))]),
+            "client_request_id": np.array(
+                [item[6] for item in rows for _ in range(len(item[3]))], dtype=str
+            ),
             "position": np.concatenate([np.arange(len(item[3]), dtype=np.int16) for item in rows]),
             "time": np.concatenate([np.full(len(item[3]), item[2]) for item in rows]),
             "probabilities": np.array(

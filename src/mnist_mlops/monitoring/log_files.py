@@ -120,6 +120,14 @@ class RequestIndex:
                 return counts[request_id]
         return None
 
+    def all_requests(self) -> dict[str, int]:
+        """Every logged request's image count, the folder read once."""
+        self.refresh()
+        merged: dict[str, int] = {}
+        for counts in self._files.values():
+            merged.update(counts)
+        return merged
+
     def refresh(self) -> None:
         present = {path.name: path for path in log_files(self.directory, ROWS)}
         for name in set(self._files) - set(present):

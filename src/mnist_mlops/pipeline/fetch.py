@@ -89,12 +89,22 @@ def parse_checksums(text: str, origin: str) -> dict[str, str]:
 
 
 def expected_checksums(config: DataConfig, source: str) -> dict[str, str]:
-    """`data.sha256`, updated by the checksum list (`data.sha256sums` or the mirror's own)."""
+    """The sha256 each file must have: `data.sha256` first, a checksum list for the rest.
+
+    A checksum list (`data.sha256sums`, or a mirror's own SHA256SUMS) comes
+    from the same place as the data, so whoever can change the data can
+    change the list: it names files that `data.sha256` does not pin, and
+    replaces a pinned hash only when `data.checksum_list_overrides` says so.
+    """
     checksums = dict(config.sha256)
     listing = config.sha256sums or (MIRROR_CHECKSUMS if os.environ.get(MIRROR_ENV) else None)
     if listing:
         location = locate(source, listing)
-        checksums.update(parse_checksums(_read_small(location, config), location))
+        listed = parse_checksums(_read_small(location, config), location)
+        if config.checksum_list_overrides:
+            checksums.update(listed)
+        else:
+            checksums = {**listed, **checksums}
     return checksums
 
 
@@ -152,7 +162,8 @@ def _fetch_verified(location: str, target: Path, expected: str, config: DataConf
         target.unlink(missing_ok=True)
         raise FetchError(
             f"{location}: sha256 mismatch: expected {expected}, got {actual} "
-            f"({size} bytes); the file is corrupt, truncated or not the one configured"
+            f"({size} bytes); the file is corrupt, truncated, tampered with or not the one "
+            "configured (data.sha256 pins it; a mirror's SHA256SUMS never replaces a pinned hash)"
         )
 
 

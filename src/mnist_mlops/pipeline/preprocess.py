@@ -17,7 +17,6 @@ feedback existed.
 import gzip
 import hashlib
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from mnist_mlops.paths import (
     processed_split_file,
 )
 from mnist_mlops.pipeline.fetch import IDX_FILES, NPZ_FILE
+from mnist_mlops.untrusted import MAX_NPZ_BYTES, UntrustedFileError, declared_arrays, load_npz
 
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
@@ -46,19 +46,29 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     """Read one gzip-compressed IDX file of unsigned bytes (images or labels)."""
     try:
         with gzip.open(path, "rb") as stream:
-            content = stream.read()
+            # The header first: what it declares bounds what is inflated.
+            content = stream.read(4)
+            magic = int.from_bytes(content, "big")
+            if len(content) == 4 and magic == expected_magic:
+                content += stream.read(4 * (magic & 0xFF))
+                shape = tuple(
+                    int.from_bytes(content[4 + 4 * index : 8 + 4 * index], "big")
+                    for index in range(magic & 0xFF)
+                )
+                declared = int(np.prod(shape, dtype=object))
+                if declared > MAX_NPZ_BYTES:
+                    raise DataError(
+                        f"{path}: the header declares {declared:,} bytes, over the limit of "
+                        f"{MAX_NPZ_BYTES:,}"
+                    )
+                content += stream.read(declared + 1)
     except (OSError, EOFError) as error:
         raise DataError(f"{path}: not a readable gzip file ({error})") from None
+    if len(content) >= 4 and magic != expected_magic:
+        raise DataError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
     if len(content) < 8:
         raise DataError(f"{path}: too short for an IDX header ({len(content)} bytes)")
-    magic = int.from_bytes(content[:4], "big")
-    if magic != expected_magic:
-        raise DataError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
-    dimensions = magic & 0xFF
-    header_size = 4 + 4 * dimensions
-    shape = tuple(
-        int.from_bytes(content[4 + 4 * index : 8 + 4 * index], "big") for index in range(dimensions)
-    )
+    header_size = 4 + 4 * (magic & 0xFF)
     expected_size = header_size + int(np.prod(shape))
     if len(content) != expected_size:
         raise DataError(
@@ -70,19 +80,15 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
 
 def read_npz(path: Path) -> tuple[Split, Split]:
     """Read the Keras-layout `mnist.npz` without unpickling anything."""
+    names = ["x_train", "y_train", "x_test", "y_test"]
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
-            if missing:
-                raise DataError(f"{path}: missing arrays {', '.join(sorted(missing))}")
-            return (
-                (archive["x_train"], archive["y_train"]),
-                (archive["x_test"], archive["y_test"]),
-            )
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        if isinstance(error, DataError):
-            raise
-        raise DataError(f"{path}: not a readable npz archive ({error})") from None
+        missing = set(names) - set(declared_arrays(path))
+        if missing:
+            raise DataError(f"{path}: missing arrays {', '.join(sorted(missing))}")
+        arrays = load_npz(path, names)
+    except UntrustedFileError as error:
+        raise DataError(str(error)) from None
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
 def read_raw(raw_dir: Path = RAW_DATA_DIR) -> tuple[Split, Split]:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from mnist_mlops.untrusted import UntrustedFileError, open_image
+
 MNIST_SIZE = 28
 DIGIT_BOX = 20
 
@@ -60,8 +62,10 @@ def to_mnist(image: Image.Image) -> np.ndarray:
 
 def load_image(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return to_mnist(image)
+    except UntrustedFileError as error:
+        raise ClientError(str(error)) from None
     except (OSError, ValueError) as error:
         raise ClientError(f"{path}: not a readable image ({error})") from None
 

@@ -86,6 +86,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     proxy.add_argument("--host", default="127.0.0.1", help="bind address")
     proxy.add_argument(
+        "--server-name",
+        default="",
+        help="the name clients reach the proxy by, where plain HTTP is redirected (default: "
+        "--host)",
+    )
+    proxy.add_argument(
         "--model-upstream",
         default="127.0.0.1:5000",
         help="the model server, or several replicas comma-separated (HOST:PORT,HOST:PORT)",
@@ -164,7 +170,12 @@ def predict(arguments: argparse.Namespace) -> int:
 
     files = arguments.files
     try:
-        predictions = post([load_image(path) for path in files], arguments.url, ca=arguments.ca)
+        images = [load_image(path) for path in files]
+    except ClientError as error:  # a file that is not a usable picture: bad input
+        print(f"mnist-mlops predict: {error}", file=sys.stderr)
+        return 2
+    try:
+        predictions = post(images, arguments.url, ca=arguments.ca)
     except ClientError as error:
         print(f"mnist-mlops predict: {error}", file=sys.stderr)
         return 1
@@ -175,7 +186,8 @@ def predict(arguments: argparse.Namespace) -> int:
 
 
 def certs(arguments: argparse.Namespace) -> int:
-    from mnist_mlops.serving.proxy import ProxyError, make_certificates
+    from mnist_mlops.serving.certs import make_certificates
+    from mnist_mlops.serving.proxy import ProxyError
 
     try:
         for path in make_certificates(arguments.directory):
@@ -212,6 +224,7 @@ def proxy_command(arguments: argparse.Namespace) -> int:
         certificate=arguments.certificate,
         key=arguments.key,
         host=arguments.host,
+        server_name=arguments.server_name,
         max_batch_size=max_batch_size,
         rate=arguments.rate,
         burst=arguments.burst,

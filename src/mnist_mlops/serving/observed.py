@@ -1,14 +1,20 @@
 """MLflow's scoring app, observed: request ids, metrics, the inference log and `POST /feedback`.
 
-An ASGI app around the scoring app. Every request gets an id (the client's
-own `X-Request-ID` when it is a sensible token, else a new one), returned in
-the answer's `X-Request-ID`. The model's `predict` is wrapped to hand its
-input and answer to the request it serves; once the answer has gone out,
-the request's images are counted and queued for the inference log. Nothing
-on the request path waits for the disk.
+An ASGI app around the scoring app. Every request gets an id of the
+server's own (the time and 80 random bits), returned in the answer's
+`X-Request-ID`; a client's own `X-Request-ID` comes back beside it as
+`X-Client-Request-ID` and is logged with the rows, but never names them,
+so two clients cannot make their requests collide. The model's `predict`
+is wrapped to hand its input and answer to the request it serves; just
+before the answer goes out, the request is remembered for feedback and its
+images are counted and queued for the inference log. Nothing on the
+request path waits for the disk.
 
-`POST /feedback` takes `{"request_id": "...", "digits": [3, 7]}`, one true
-digit per image of that request, in order.
+The boundary's limits (`guard.py`) run before the scoring app reads a byte
+of the body, and an error answer never carries a stack trace.
+
+`POST /feedback` (feedback.py) takes `{"request_id": "...", "digits": [3, 7]}`,
+one true digit per image of that request, in order.
 """
 
 from __future__ import annotations
@@ -18,17 +24,29 @@ import contextvars
 import json
 import sys
 import time
-import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 
-from mnist_mlops.monitoring.inference_log import REQUEST_ID
-from mnist_mlops.serving.proxy import MAX_FEEDBACK_BYTES
+from mnist_mlops.serving.exchange import (
+    client_request_id,
+    content_length,
+    first_line,
+    header,
+    new_request_id,
+    read_body,
+    replay,
+    respond,
+    respond_error,
+    say,
+    send_public,
+)
+from mnist_mlops.serving.feedback import FeedbackDesk
+from mnist_mlops.serving.guard import body_limit, refusal
+
+# A model logged without its own limit: the classifier's default.
+DEFAULT_MAX_BATCH_SIZE = 1024
 
 # The request a `predict` call serves: a list that the wrapped predict fills.
 _ANSWERS: contextvars.ContextVar[list | None] = contextvars.ContextVar("answers", default=None)
-# Requests this process logged, for feedback that comes back to it soon.
-RECENT_REQUESTS = 100_000
 
 
 def record_answers(python_model) -> None:
@@ -65,7 +83,7 @@ def observe(app, model, served, metrics: bool, log_settings):
         )
         index = RequestIndex(log_settings.directory)
     _wrap_predict(model)
-    return ObservedApp(Serving(app, served), server_metrics, log, index)
+    return ObservedApp(Serving(app, served), model, server_metrics, log, index)
 
 
 def _wrap_predict(model) -> None:
@@ -100,15 +118,16 @@ class Serving:
 
 
 class ObservedApp:
-    def __init__(self, current: Serving, metrics, log, index) -> None:
+    def __init__(self, current: Serving, model, metrics, log, index) -> None:
         self.current, self.metrics, self.log, self.index = current, metrics, log, index
         self.follower = None
-        self._recent: OrderedDict[str, int] = OrderedDict()
-        self._feedback_seen: OrderedDict[str, None] = OrderedDict()
+        self.desk = FeedbackDesk(log, index)
+        self.max_batch_size = max_batch_size_of(model)
 
     def swap(self, app, model, served) -> None:
         """Serve `model` from the next request on; requests in flight finish on the old one."""
         _wrap_predict(model)
+        self.max_batch_size = max_batch_size_of(model)
         if self.metrics is not None:
             self.metrics.now_serving(served)
         self.current = Serving(app, served)
@@ -127,48 +146,94 @@ class ObservedApp:
         started = time.perf_counter()
         path = scope["path"]
         status = 500
-        request_id = _request_id(scope)
+        # The server's own id: one client cannot make it collide with another's.
+        request_id = new_request_id()
+        extra_headers = [(b"x-request-id", request_id.encode())]
+        client_id = client_request_id(scope)
+        if client_id:
+            extra_headers.append((b"x-client-request-id", client_id.encode()))
         # The version that answers this request, whatever is swapped in meanwhile.
         current = self.current
+        extra_headers += current.headers
+        answers: list = []
+        # An error answer is held until the app is done, then sent without a stack trace.
+        held: list = []
+        sent_start = False
 
         async def answer(message) -> None:
-            nonlocal status
+            nonlocal status, sent_start
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                    *current.headers,
-                ]
-                message = {**message, "headers": headers}
+                message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+                if status >= 400:
+                    held.append(message)
+                    return
+                if status == 200 and answers:
+                    # Recorded before the client has the answer, so that feedback
+                    # sent the moment it arrives finds its request.
+                    self._answered(request_id, client_id, answers, current.served.version)
+                sent_start = True
+            elif held:
+                held.append(message)  # sent once the app is done: it may yet raise
+                return
             await send(message)
 
-        answers: list = []
         token = _ANSWERS.set(answers)
         try:
             if path == "/metrics" and self.metrics is not None:
                 await self._metrics(answer)
             elif path == "/feedback":
                 await self._feedback(scope, receive, answer)
+            elif path == "/invocations" and scope["method"] == "POST":
+                await self._invocations(scope, receive, answer, current.app)
             else:
                 await current.app(scope, receive, answer)
+            if held:
+                await send_public(held, send)
+        except Exception as error:
+            # One line in the log, never a traceback; the client gets JSON, never a stack.
+            status = 400 if isinstance(error, RecursionError) else 500
+            say(f"{scope['method']} {path} failed: {first_line(error)}")
+            if not sent_start:
+                held.clear()
+                message = (
+                    "the request is nested too deeply"
+                    if status == 400
+                    else "the server failed to answer this request"
+                )
+                code = "INVALID_PARAMETER_VALUE" if status == 400 else "INTERNAL_ERROR"
+                await respond_error(answer, status, code, message)
+                await send_public(held, send)
         finally:
             _ANSWERS.reset(token)
             if self.metrics is not None:
                 self.metrics.request(path, status, time.perf_counter() - started)
-        if status == 200 and answers:
-            self._answered(request_id, answers, current.served.version)
 
-    def _answered(self, request_id: str, answers: list, version: str) -> None:
+    async def _invocations(self, scope, receive, answer, app) -> None:
+        """Refuse what cannot be a batch within the limit from the raw body; else score it."""
+        limit = body_limit(self.max_batch_size)
+        body = await read_body(receive, limit, content_length(scope))
+        if body is None:
+            message = (
+                f"the request body is over {limit} bytes, the room for {self.max_batch_size} "
+                "images (serving.max_batch_size): send fewer images per request"
+            )
+            await respond_error(answer, 413, "REQUEST_LIMIT_EXCEEDED", message)
+            return
+        problem = refusal(header(scope, b"content-type"), body, self.max_batch_size)
+        if problem:
+            await respond_error(answer, 400, "INVALID_PARAMETER_VALUE", problem)
+            return
+        await app(scope, replay(body, receive), answer)
+
+    def _answered(self, request_id: str, client_id: str, answers: list, version: str) -> None:
         for images, predictions in answers:
             if self.metrics is not None:
                 self.metrics.answered(predictions)
             if self.log is not None and self.log.submit_rows(
-                request_id, images, predictions, version
+                request_id, images, predictions, version, client_id
             ):
-                self._recent[request_id] = len(images)
-                if len(self._recent) > RECENT_REQUESTS:
-                    self._recent.popitem(last=False)
+                self.desk.remember(request_id, len(images))
 
     def close(self) -> None:
         if self.follower is not None:
@@ -186,97 +251,20 @@ class ObservedApp:
 
     async def _metrics(self, answer) -> None:
         body, content_type = self.metrics.exposition()
-        await _respond(answer, 200, body, content_type)
+        await respond(answer, 200, body, content_type)
 
     async def _feedback(self, scope, receive, answer) -> None:
-        status, reply = await self._record_feedback(scope, receive)
+        status, reply = await self.desk.take(scope, receive)
         if self.metrics is not None:
             outcome = reply.get("error_code", "duplicate" if reply.get("duplicate") else "recorded")
             self.metrics.feedback.labels(outcome=outcome.lower()).inc()
-        await _respond(answer, status, json.dumps(reply).encode(), "application/json")
-
-    async def _record_feedback(self, scope, receive) -> tuple[int, dict]:
-        if scope["method"] != "POST":
-            return 405, _error("BAD_REQUEST", "use POST /feedback")
-        if self.log is None:
-            return 404, _error("RESOURCE_DOES_NOT_EXIST", "the inference log is off on this server")
-        body = await _read_body(receive, MAX_FEEDBACK_BYTES)
-        if body is None:
-            return 413, _error("BAD_REQUEST", f"feedback is limited to {MAX_FEEDBACK_BYTES} bytes")
-        try:
-            feedback = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return 400, _error("BAD_REQUEST", "the body must be JSON")
-        problem = _feedback_problem(feedback)
-        if problem:
-            return 400, _error("INVALID_PARAMETER_VALUE", problem)
-        request_id, digits = feedback["request_id"], feedback["digits"]
-        images = self._recent.get(request_id)
-        if images is None:
-            images = await asyncio.to_thread(self.index.images_of, request_id)
-        if images is None:
-            return 404, _error(
-                "RESOURCE_DOES_NOT_EXIST",
-                f"no request {request_id!r} in the inference log (unknown, sampled out, "
-                "expired, or logged less than a second ago: try again)",
-            )
-        if len(digits) != images:
-            return 400, _error(
-                "INVALID_PARAMETER_VALUE",
-                f"request {request_id!r} had {images} image(s); got {len(digits)} digit(s)",
-            )
-        if request_id in self._feedback_seen:
-            return 200, {"request_id": request_id, "recorded": 0, "duplicate": True}
-        if not self.log.submit_feedback(request_id, digits):
-            return 503, _error("TEMPORARILY_UNAVAILABLE", "the inference log is full: try again")
-        self._feedback_seen[request_id] = None
-        if len(self._feedback_seen) > RECENT_REQUESTS:
-            self._feedback_seen.popitem(last=False)
-        return 200, {"request_id": request_id, "recorded": len(digits), "duplicate": False}
+        await respond(answer, status, json.dumps(reply).encode(), "application/json")
 
 
-def _request_id(scope) -> str:
-    for name, value in scope.get("headers", []):
-        if name == b"x-request-id":
-            given = value.decode("latin-1")
-            if REQUEST_ID.match(given):
-                return given
-    return uuid.uuid4().hex
-
-
-def _feedback_problem(feedback) -> str:
-    if not isinstance(feedback, dict) or set(feedback) != {"request_id", "digits"}:
-        return 'expected {"request_id": "...", "digits": [d0, d1, ...]}'
-    if not isinstance(feedback["request_id"], str) or not REQUEST_ID.match(feedback["request_id"]):
-        return "request_id must be the X-Request-ID the prediction was answered with"
-    digits = feedback["digits"]
-    if not isinstance(digits, list) or not digits:
-        return "digits must be a non-empty list, one true digit per image, in order"
-    for digit in digits:
-        if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
-            return f"every digit must be an integer in 0–9, got {digit!r}"
-    return ""
-
-
-def _error(code: str, message: str) -> dict:
-    return {"error_code": code, "message": message}
-
-
-async def _read_body(receive, limit: int) -> bytes | None:
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if len(body) > limit:
-            return None
-        if not message.get("more_body"):
-            return body
-
-
-async def _respond(answer, status: int, body: bytes, content_type: str) -> None:
-    headers = [
-        (b"content-type", content_type.encode()),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    await answer({"type": "http.response.start", "status": status, "headers": headers})
-    await answer({"type": "http.response.body", "body": body})
+def max_batch_size_of(model) -> int:
+    """The served model's own batch limit (serving.max_batch_size when it was logged)."""
+    try:
+        limit = model.unwrap_python_model().max_batch_size
+    except Exception:  # not a model of this project's class: the default limit
+        return DEFAULT_MAX_BATCH_SIZE
+    return int(limit)

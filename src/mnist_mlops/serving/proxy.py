@@ -16,8 +16,8 @@ private folder and runs Debian's nginx in the foreground:
 - tracking server: everything passes through, streamed, with its own larger
   body limit for artifact uploads.
 
-`mnist-mlops certs` makes a private CA and a certificate for 127.0.0.1 and
-localhost, for local use and tests.
+`mnist-mlops certs` (certs.py) makes a private CA and a certificate for
+127.0.0.1 and localhost, for local use and tests.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent
 DEPLOY_DIR = Path("deploy")
 # The model server's own limit for a feedback body (serving/observed.py).
 MAX_FEEDBACK_BYTES = 64 * 1024
-CERTS_DIR = DEPLOY_DIR / "certs"
 # How long replicas started by `--replicas` may take to load the champion.
 REPLICA_START_SECONDS = 120
 PIXELS_PER_IMAGE = 28 * 28
@@ -71,6 +70,8 @@ class ProxySettings:
     certificate: Path
     key: Path
     host: str = "127.0.0.1"
+    # The name clients use, where plain HTTP is redirected: the bind address unless given.
+    server_name: str = ""
     max_batch_size: int = 1024
     rate: int = 50
     burst: int = 100
@@ -97,6 +98,7 @@ def render(settings: ProxySettings, deploy_dir: Path = DEPLOY_DIR) -> str:
         "certificate": settings.certificate.resolve(),
         "key": settings.key.resolve(),
         "host": settings.host,
+        "server_name": settings.server_name or settings.host,
         "rate": settings.rate,
         "burst": settings.burst,
         "feedback_rate": settings.feedback_rate,
@@ -134,6 +136,10 @@ def check_inputs(settings: ProxySettings) -> None:
             raise ProxyError(f"no TLS {label} at {path}: give --{label}, or run `make certs`")
         if not os.access(path, os.R_OK):
             raise ProxyError(f"the TLS {label} {path} is not readable by this user")
+    if settings.server_name and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", settings.server_name):
+        raise ProxyError(
+            f"--server-name must be a host name or address, got {settings.server_name!r}"
+        )
     for upstream in settings.upstreams:
         wrong = [a for a in upstream.addresses if not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", a)]
         if wrong or not upstream.addresses:
@@ -237,61 +243,3 @@ def run_proxy(settings: ProxySettings, replica_ports: list[int] | None = None) -
     finally:
         stop_all(replicas, timeout=10)
         shutil.rmtree(runtime, ignore_errors=True)
-
-
-def make_certificates(directory: Path = CERTS_DIR) -> list[Path]:
-    """A private CA and a server certificate for 127.0.0.1 and localhost, signed by it.
-
-    Written into a temporary folder that is renamed into place, so a failure
-    leaves no half-made set; an existing set is kept.
-    """
-    names = ("ca.crt", "ca.key", "server.crt", "server.key")
-    if all((directory / name).exists() for name in names):
-        return [directory / name for name in names]
-    if directory.exists():
-        raise ProxyError(f"{directory} exists but is incomplete: remove it and run again")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".certs-", dir=directory.parent))
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    server_extensions = work / "server.ext"
-    server_extensions.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-    )
-    commands = [
-        [
-            *("openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt"),
-            *("-days", "825", "-subj", "/CN=mnist-mlops private CA"),
-            *("-addext", "basicConstraints=critical,CA:TRUE"),
-            *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
-        ],
-        [
-            "openssl",
-            "req",
-            *ec,
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-        [
-            *("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key"),
-            *("-CAcreateserial", "-days", "825", "-out", "server.crt", "-extfile", "server.ext"),
-        ],
-    ]
-    try:
-        for command in commands:
-            result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=60)
-            if result.returncode != 0:
-                raise ProxyError(f"openssl failed: {result.stderr.strip().splitlines()[-1]}")
-        for name in ("ca.key", "server.key"):
-            (work / name).chmod(0o600)
-        for name in ("server.csr", "server.ext", "ca.srl"):
-            (work / name).unlink(missing_ok=True)
-        work.chmod(0o755)
-        work.rename(directory)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return [directory / name for name in names]

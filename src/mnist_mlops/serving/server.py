@@ -66,8 +66,8 @@ def load_app(model_uri: str, observation: Observation = Observation(), follow_se
             f"cannot load {model_uri} from {os.environ[TRACKING_URI_ENV]}: {reason}"
         ) from None
     followed = alias_of(model_uri) if follow_seconds > 0 else None
-    if not observation.metrics and observation.log is None and followed is None:
-        return app
+    # Observed even with metrics and the log off: the request limits and the
+    # stack-free error answers live there.
     from mnist_mlops.serving.observed import observe
 
     observed = observe(app, model, served, observation.metrics, observation.log)

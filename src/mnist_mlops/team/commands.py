@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def add_object_store_command(commands: argparse._SubParsersAction) -> None:
     store.add_argument(
         "--keys",
         metavar="NAME",
-        help="print NAME's keys (tracking, or a user) as environment lines and exit",
+        help="print NAME's keys (tracking, or a user) as `export` lines for a shell and exit",
     )
     store.set_defaults(run=object_store)
 
@@ -85,8 +86,10 @@ def object_store(arguments: argparse.Namespace) -> int:
     try:
         if arguments.keys:
             keys = keys_for(read_secret(arguments.secret_file), arguments.keys)
+            # `export`: lines that `eval "$(…)"` turns into variables the
+            # commands started next (tracking-server, dvc) see too.
             for name, value in keys.environment().items():
-                print(f"{name}={value}")
+                print(f"export {name}={shlex.quote(value)}")
             return 0
         return run(arguments.data, arguments.secret_file, users, arguments.host, arguments.port)
     except ObjectStoreError as error:

@@ -4,10 +4,12 @@
 for runs, for users and for `mnist-mlops tune`'s Optuna studies, when an admin
 connection is given) and then replaces itself with
 
-    mlflow server --backend-store-uri postgresql://… --artifacts-destination DIR
-                  --serve-artifacts --app-name basic-auth --host 127.0.0.1
+    mlflow server --artifacts-destination DIR --serve-artifacts
+                  --app-name basic-auth --host 127.0.0.1
 
-so teammates need only HTTP access and an account. The admin password comes
+with the database's URI in its environment and the login's config in a
+memory file, so that no password appears on a command line or on disk;
+teammates need only HTTP access and an account. The admin password comes
 from MLFLOW_TRACKING_ADMIN_PASSWORD and MLflow's built-in default is refused.
 With an `s3://bucket/prefix` destination (the team's `mnist-mlops
 object-store`, or any S3) the server holds the keys, checks the bucket before
@@ -19,9 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 import sys
-import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -105,13 +105,9 @@ def prepare_postgres(admin_uri: str, backend_store_uri: str) -> None:
         connection.close()
 
 
-def write_auth_config(backend_store_uri: str, password: str) -> Path:
-    """A private basic-auth config for MLflow; returns its path."""
-    handle, name = tempfile.mkstemp(prefix="mlflow-auth-", suffix=".ini")
-    os.close(handle)
-    path = Path(name)
-    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-    path.write_text(
+def auth_config(backend_store_uri: str, password: str) -> str:
+    """MLflow's basic-auth config: the users database (its password included) and the admin."""
+    return (
         "[mlflow]\n"
         "default_permission = READ\n"
         f"database_uri = {auth_database_uri(backend_store_uri)}\n"
@@ -119,7 +115,20 @@ def write_auth_config(backend_store_uri: str, password: str) -> Path:
         f"admin_password = {password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    return path
+
+
+def private_file(content: str) -> str:
+    """A path to `content` that lives exactly as long as this process, and no file on disk.
+
+    An anonymous memory file (memfd) kept open across `exec`: the server and
+    the workers it starts read it as /proc/PID/fd/N, which only this user (and
+    root) can open, and it is gone with the process however it ends. A file
+    in /tmp outlived every start of the server, the admin password inside.
+    """
+    descriptor = os.memfd_create("mlflow-auth.ini", 0)
+    os.write(descriptor, content.encode())
+    os.set_inheritable(descriptor, True)
+    return f"/proc/{os.getpid()}/fd/{descriptor}"
 
 
 def check_s3_destination(destination: str, endpoint_url: str | None) -> tuple[str, str]:
@@ -217,7 +226,9 @@ def serve(
     # SQLAlchemy 2.1 would pick the psycopg 3 driver for postgresql://; the
     # team extra installs psycopg2.
     store_uri = backend_store_uri.replace("postgresql://", "postgresql+psycopg2://", 1)
-    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(write_auth_config(store_uri, password))
+    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = private_file(auth_config(store_uri, password))
+    # In the environment, never on the command line, where any local user reads it.
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = store_uri
     # The UI's CSRF protection needs a secret. One server can make its own at
     # each start; several behind one address must share one: set it yourself.
     os.environ.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
@@ -225,7 +236,6 @@ def serve(
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     command = [
         *(sys.executable, "-m", "mlflow", "server"),
-        *("--backend-store-uri", store_uri),
         *("--artifacts-destination", artifacts_destination, "--serve-artifacts"),
         *("--app-name", "basic-auth", "--host", host, "--port", str(port)),
     ]

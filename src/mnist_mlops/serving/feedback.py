@@ -1,0 +1,123 @@
+"""`POST /feedback`: a true digit for each image of a request this server or another answered.
+
+The body is `{"request_id": "...", "digits": [3, 7]}`, one true digit per
+image of that request, in order. A request this process answered is known
+before its answer left; one that another replica answered is found in the
+inference log once that replica has written it (within its flush interval):
+the server's ids say when they were issued, so feedback for a request
+answered a moment ago waits for it rather than being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import OrderedDict
+
+from mnist_mlops.monitoring.inference_log import REQUEST_ID
+from mnist_mlops.serving.exchange import error_body, issued_at, read_body
+from mnist_mlops.serving.proxy import MAX_FEEDBACK_BYTES
+
+# Requests this process logged, for feedback that comes back to it soon.
+RECENT_REQUESTS = 100_000
+# How long after its rows should be in the log a request is still waited for.
+LOGGED_WITHIN_SECONDS = 5.0
+
+
+class FeedbackDesk:
+    """What `/feedback` needs: the requests answered here, the log, and its index."""
+
+    def __init__(self, log, index) -> None:
+        self.log, self.index = log, index
+        self._recent: OrderedDict[str, int] = OrderedDict()
+        self._feedback_seen: OrderedDict[str, None] = OrderedDict()
+        self._index_lock = threading.Lock()
+
+    def remember(self, request_id: str, images: int) -> None:
+        self._recent[request_id] = images
+        if len(self._recent) > RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+
+    async def take(self, scope, receive) -> tuple[int, dict]:
+        if scope["method"] != "POST":
+            return 405, error_body("BAD_REQUEST", "use POST /feedback")
+        if self.log is None:
+            return 404, error_body(
+                "RESOURCE_DOES_NOT_EXIST", "the inference log is off on this server"
+            )
+        body = await read_body(receive, MAX_FEEDBACK_BYTES)
+        if body is None:
+            return 413, error_body(
+                "BAD_REQUEST", f"feedback is limited to {MAX_FEEDBACK_BYTES} bytes"
+            )
+        try:
+            feedback = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return 400, error_body("BAD_REQUEST", "the body must be JSON")
+        problem = feedback_problem(feedback)
+        if problem:
+            return 400, error_body("INVALID_PARAMETER_VALUE", problem)
+        request_id, digits = feedback["request_id"], feedback["digits"]
+        images = self._recent.get(request_id)
+        if images is None:
+            images = await self._logged_images(request_id)
+        if images is None:
+            return 404, error_body(
+                "RESOURCE_DOES_NOT_EXIST",
+                f"no request {request_id!r} in the inference log (unknown, sampled out, "
+                "expired, or logged less than a second ago: try again)",
+            )
+        if len(digits) != images:
+            return 400, error_body(
+                "INVALID_PARAMETER_VALUE",
+                f"request {request_id!r} had {images} image(s); got {len(digits)} digit(s)",
+            )
+        if request_id in self._feedback_seen:
+            return 200, {"request_id": request_id, "recorded": 0, "duplicate": True}
+        if not self.log.submit_feedback(request_id, digits):
+            return 503, error_body(
+                "TEMPORARILY_UNAVAILABLE", "the inference log is full: try again"
+            )
+        self._feedback_seen[request_id] = None
+        if len(self._feedback_seen) > RECENT_REQUESTS:
+            self._feedback_seen.popitem(last=False)
+        return 200, {"request_id": request_id, "recorded": len(digits), "duplicate": False}
+
+    async def _logged_images(self, request_id: str) -> int | None:
+        """The images of a request another process answered, read from the log.
+
+        The log holds a request about `flush_seconds` after it was answered,
+        and the id says when that was: feedback for a request answered a
+        moment ago by another replica waits until its rows are written
+        rather than being refused.
+        """
+        issued = issued_at(request_id)
+        now = time.time()
+        deadline = now
+        if issued is not None and issued <= now:
+            deadline = issued + self.log.settings.flush_seconds + LOGGED_WITHIN_SECONDS
+        while True:
+            images = await asyncio.to_thread(self._look_up, request_id)
+            if images is not None or time.time() >= deadline:
+                return images
+            await asyncio.sleep(0.1)
+
+    def _look_up(self, request_id: str) -> int | None:
+        with self._index_lock:
+            return self.index.images_of(request_id)
+
+
+def feedback_problem(feedback) -> str:
+    if not isinstance(feedback, dict) or set(feedback) != {"request_id", "digits"}:
+        return 'expected {"request_id": "...", "digits": [d0, d1, ...]}'
+    if not isinstance(feedback["request_id"], str) or not REQUEST_ID.match(feedback["request_id"]):
+        return "request_id must be the X-Request-ID the prediction was answered with"
+    digits = feedback["digits"]
+    if not isinstance(digits, list) or not digits:
+        return "digits must be a non-empty list, one true digit per image, in order"
+    for digit in digits:
+        if isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9:
+            return f"every digit must be an integer in 0–9, got {digit!r}"
+    return ""
