@@ -15,23 +15,37 @@ def _umask() -> int:
     return current
 
 
+def private_folder(folder: Path) -> Path:
+    """`folder`, made if missing, open to its owner alone (0700) whatever the umask."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if folder.stat().st_mode & 0o077 and folder.stat().st_uid == os.getuid():
+        folder.chmod(0o700)
+    return folder
+
+
 @contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
+def atomic_path(target: Path, private: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it to `target` on success.
 
     The temporary name keeps `target`'s suffix, because some writers (Keras's
     `model.save`) choose the format by it. On error the temporary file is
-    removed and `target` is left as it was.
+    removed and `target` is left as it was. A `private` file (personal data,
+    keys) is 0600 in a 0700 folder whatever the umask; others get the umask's.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if private:
+        private_folder(target.parent)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(
         dir=target.parent, prefix=f".{target.stem}.", suffix=f".partial{target.suffix}"
     )
     os.close(handle)
     temporary = Path(name)
     # mkstemp creates the file private (0600); results get the usual permissions.
-    os.chmod(temporary, 0o666 & ~_umask())
+    if not private:
+        os.chmod(temporary, 0o666 & ~_umask())
     try:
         yield temporary
         os.replace(temporary, target)

@@ -149,6 +149,9 @@ def test_one_clients_request_id_cannot_take_anothers_feedback(server, store):
         threading.Event().wait(0.1)
     assert [truth[(first, position)] for position in range(3)] == [1, 2, 3]
     assert truth[(second, 0)] == 4
+    # What people sent is theirs: the log is its owner's alone, whatever the umask (022 here).
+    assert log_dir.stat().st_mode & 0o777 == 0o700
+    assert {path.stat().st_mode & 0o777 for path in log_dir.iterdir()} == {0o600}
 
 
 def test_feedback_sent_the_moment_its_answer_arrives_is_taken(server, store):

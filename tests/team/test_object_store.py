@@ -5,9 +5,11 @@ artifacts on it through the team's tracking server on PostgreSQL, and the
 DVC remote on it.
 """
 
+import http.client
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ import pytest
 import yaml
 
 from mnist_mlops.processes import cannot_listen
-from mnist_mlops.team.object_store import grpc_sockets, keys_for, s3_client
+from mnist_mlops.team.object_store import grpc_sockets, internal_ports, keys_for, s3_client
 
 from ..conftest import REPO_ROOT, free_port, parent_of, run, subprocess_env, tcp_sockets
 
@@ -133,6 +135,63 @@ def test_only_the_s3_port_answers_and_every_port_is_on_loopback(store):
     listening = tcp_sockets({weed}, listening=True)
     assert listening and {host for host, _port in listening} == {"127.0.0.1"}, listening
     assert {port for _host, port in listening} <= set(range(port, port + 8)), listening
+
+
+def anonymous_http(port: int, method: str, path: str, tls: bool) -> str:
+    """What a local stranger gets from an internal port: the status, or why there was none."""
+    connection = (
+        http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=10, context=ssl._create_unverified_context()
+        )
+        if tls
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    )
+    try:
+        connection.request(method, path, body=b"stranger" if method in ("PUT", "POST") else None)
+        return str(connection.getresponse().status)
+    except (ssl.SSLError, ConnectionError, OSError) as error:
+        return type(error).__name__
+    finally:
+        connection.close()
+
+
+def test_no_internal_port_reads_writes_or_deletes_for_a_stranger(store):
+    """The review's reproduction, on every internal port: no object read, written or deleted."""
+    endpoint, secret, process, port = store
+    owner = s3_client(endpoint, keys_for(secret, "tracking"))
+    owner.put_object(Bucket="mlflow", Key="private.txt", Body=b"team data")
+    ports = internal_ports(port)
+    attempts = [
+        (ports["filer"], "GET", "/buckets/mlflow/private.txt"),
+        (ports["filer"], "PUT", "/buckets/mlflow/planted.txt"),
+        (ports["filer"], "DELETE", "/buckets/mlflow/private.txt"),
+        (ports["filer"], "GET", "/buckets/mlflow/"),
+        (ports["master"], "GET", "/dir/assign"),
+        (ports["master"], "GET", "/col/delete?collection=mlflow"),
+        (ports["master"], "GET", "/vol/grow?count=1"),
+        (ports["volume"], "GET", "/status"),
+        (ports["volume"], "POST", "/3,01a0b0e4f1"),
+    ]
+    for where, method, path in attempts:
+        for tls in (False, True):
+            answer = anonymous_http(where, method, path, tls)
+            # Plain HTTP gets a 400 ("HTTP sent to an HTTPS server") or a closed
+            # connection; TLS without the store's client certificate fails its handshake.
+            assert answer == "400" or not answer.isdigit(), (where, path, tls, answer)
+            if tls:
+                assert not answer.isdigit(), (where, path, answer)
+    # Every gRPC port wants the store's client certificate too.
+    for name in ("master.grpc", "volume.grpc", "filer.grpc", "s3.grpc"):
+        assert not anonymous_http(ports[name], "POST", "/", True).isdigit(), name
+    assert owner.get_object(Bucket="mlflow", Key="private.txt")["Body"].read() == b"team data"
+    assert "planted.txt" not in str(owner.list_objects_v2(Bucket="mlflow"))
+    # The volumes and the log are the owner's alone.
+    data = Path(f"/proc/{weed_of(process)}/cwd").resolve()
+    arguments = Path(f"/proc/{weed_of(process)}/cmdline").read_bytes().decode().split("\0")
+    (folder,) = [a.split("=", 1)[1] for a in arguments if a.startswith("-dir=")]
+    assert Path(folder).stat().st_mode & 0o777 == 0o700
+    assert (Path(folder) / "seaweedfs.log").stat().st_mode & 0o077 == 0
+    assert (data / "security.toml").exists() and data.stat().st_mode & 0o077 == 0
 
 
 def test_a_restart_keeps_every_object_and_leaves_nothing_in_tmp(tmp_path):

@@ -140,14 +140,15 @@ def test_moving_a_team_to_s3_keeps_old_runs_readable(postgres, tmp_path, monkeyp
         assert {Path(item["Key"]).name for item in listed} >= {"old.txt", "new.txt"}
 
 
-def remote(project: Path, endpoint: str, keys, env: dict) -> None:
-    """The committed `team` remote, pointed at this store, with the user's keys in config.local."""
-    for option, value in (
-        ("endpointurl", endpoint),
-        ("access_key_id", keys.access_key),
-        ("secret_access_key", keys.secret_key),
-    ):
-        run(["dvc", "remote", "modify", "--local", "team", option, value], project, env)
+def remote(project: Path, endpoint: str, keys, env: dict) -> dict:
+    """The committed `team` remote pointed at this store; the environment with the user's keys.
+
+    As docs/team.md does it: the keys live in the shell's environment
+    (`eval "$(mnist-mlops object-store --keys alice)"`), never in a file.
+    """
+    run(["dvc", "remote", "modify", "--local", "team", "endpointurl", endpoint], project, env)
+    assert keys.secret_key not in (project / ".dvc" / "config.local").read_text()
+    return {**env, **keys.environment()}
 
 
 def test_dvc_push_and_pull_through_the_store_and_a_store_killed_mid_push(tmp_path, http_mirror):
@@ -162,11 +163,11 @@ def test_dvc_push_and_pull_through_the_store_and_a_store_killed_mid_push(tmp_pat
     port = free_port_run()
     with object_store(tmp_path, port) as (endpoint, secret, process, _port):
         alice = keys_for(secret, "alice")
-        remote(first, endpoint, alice, env)
+        with_keys = remote(first, endpoint, alice, env)
         push = subprocess.Popen(
             ["dvc", "push", "-r", "team"],
             cwd=first,
-            env=env,
+            env=with_keys,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -181,11 +182,10 @@ def test_dvc_push_and_pull_through_the_store_and_a_store_killed_mid_push(tmp_pat
     assert "ERROR" in errors and failed_after < 120, (errors, failed_after)
 
     with object_store(tmp_path, port) as (endpoint, secret, _process, _port):
-        run(["dvc", "push", "-r", "team"], first, env)
+        run(["dvc", "push", "-r", "team"], first, with_keys)
         second = tmp_path / "second"
         run(["git", "clone", "-q", str(first), str(second)], tmp_path, env)
-        remote(second, endpoint, alice, env)
-        run(["dvc", "pull", "-r", "team"], second, env)
+        run(["dvc", "pull", "-r", "team"], second, remote(second, endpoint, alice, env))
     for folder in ("data/raw", "data/processed", "models"):
         comparison = filecmp.dircmp(first / folder, second / folder)
         assert comparison.left_list and not comparison.diff_files and not comparison.left_only

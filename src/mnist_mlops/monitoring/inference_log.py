@@ -212,9 +212,11 @@ class InferenceLog:
     def _save(self, kind: str, arrays: dict[str, np.ndarray]) -> None:
         self._sequence[kind] += 1
         name = f"{kind}-{self.writer}-{self._sequence[kind]:08d}.npz"
-        directory = self.settings.directory
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / name) as temporary, open(temporary, "wb") as stream:
+        # Raw pixels are what people sent: 0600 files in a 0700 folder.
+        with (
+            atomic_path(self.settings.directory / name, private=True) as temporary,
+            open(temporary, "wb") as stream,
+        ):
             np.savez(stream, **arrays)
 
     def _dropped(self, rows: int, reason: str) -> None:
@@ -261,7 +263,7 @@ def merge_parts(
         return
     merged = concatenate([load(path) for _, path in parts])
     name = f"{kind}-{writer}-{parts[0][0]:08d}-{parts[-1][0]:08d}.npz"
-    with atomic_path(directory / name) as temporary, open(temporary, "wb") as stream:
+    with atomic_path(directory / name, private=True) as temporary, open(temporary, "wb") as stream:
         np.savez(stream, **merged)
     for _, path in parts:
         path.unlink(missing_ok=True)
@@ -276,8 +278,7 @@ def save_feedback(directory: Path, rows: list[tuple[str, int, int]]) -> Path:
         "digit": np.array([digit for _, _, digit in rows], dtype=np.int8),
     }
     target = directory / f"{FEEDBACK}-{writer_id()}-{1:08d}.npz"
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as temporary, open(temporary, "wb") as stream:
+    with atomic_path(target, private=True) as temporary, open(temporary, "wb") as stream:
         np.savez(stream, **arrays)
     return target
 

@@ -7,9 +7,11 @@ waits until Ctrl-C or SIGTERM; killed outright, it takes SeaweedFS with it
 (PR_SET_PDEATHSIG).
 
 - **Every port on 127.0.0.1** except, with `--host`, the S3 port alone. The
-  filer's HTTP port has no authentication at all (an anonymous DELETE
-  works), so it never leaves loopback. The internal ports are the seven after
-  the S3 port. Telemetry is off, and `-ip=127.0.0.1` replaces the default of
+  internal ports are the seven after the S3 port, and none answers a
+  stranger (store_security.py): the master, volume and filer servers speak
+  HTTPS and gRPC only to a client certificate of the store's own, and the
+  volume and filer servers also want a JWT signed with keys derived from the
+  secret. Telemetry is off, and `-ip=127.0.0.1` replaces the default of
   advertising the machine's own address.
 - **Keys from one secret file**, never committed (`object-store.secret` is
   git-ignored): each identity's access key and secret key are HMAC-SHA256 of
@@ -29,6 +31,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -230,9 +233,19 @@ def wait_until_ready(endpoint: str, admin: Keys, process: subprocess.Popen, log:
     raise ObjectStoreError(f"SeaweedFS did not answer in {READY_TIMEOUT_SECONDS} s; see {log}")
 
 
+def _private_child() -> None:
+    """In SeaweedFS before it starts: files only its owner reads, and stop with the parent."""
+    from mnist_mlops.processes import stop_with_parent
+
+    os.umask(0o077)
+    stop_with_parent()
+
+
 def run(data: Path, secret_file: Path, users: list[str], host: str, port: int) -> int:
     """Run the store in the foreground until Ctrl-C or SIGTERM; the exit status."""
-    from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent, wait_in_foreground
+    from mnist_mlops.atomic import private_folder
+    from mnist_mlops.processes import cannot_listen, stop_all, wait_in_foreground
+    from mnist_mlops.team.store_security import StoreSecurityError, security_toml
 
     secret = read_secret(secret_file)
     check_users(users)
@@ -240,20 +253,29 @@ def run(data: Path, secret_file: Path, users: list[str], host: str, port: int) -
         reason = cannot_listen(host if name == "s3" else "127.0.0.1", taken)
         if reason:
             raise ObjectStoreError(f"port {taken} ({name}) is not free: {reason}")
-    data.mkdir(parents=True, exist_ok=True)
+    # The volumes hold every team's objects: the store's folder and all it
+    # writes are its owner's alone (SeaweedFS itself follows the umask).
+    private_folder(data)
     log = data / "seaweedfs.log"
     for stale in grpc_sockets(port):
         stale.unlink(missing_ok=True)
     runtime = Path(tempfile.mkdtemp(prefix="mnist-object-store-"))
     try:
         (runtime / "s3.json").write_text(json.dumps(identities(secret, users)))
-        with open(log, "ab") as output:
+        # SeaweedFS reads security.toml from its working folder.
+        try:
+            (runtime / "security.toml").write_text(security_toml(secret, runtime))
+        except StoreSecurityError as error:
+            raise ObjectStoreError(str(error)) from None
+        descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "ab") as output:
             weed = subprocess.Popen(
                 weed_command(data.resolve(), runtime, host, port),
+                cwd=runtime,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=stop_with_parent,
+                preexec_fn=_private_child,
             )
         try:
             endpoint = f"http://{host}:{port}"
