@@ -35,7 +35,7 @@ class DataConfig:
     sha256: dict[str, str] = field(default_factory=dict)
     format: str = "auto"
     sha256sums: Optional[str] = None  # noqa: UP045 (OmegaConf needs typing.Optional)
-    checksum_list_overrides: bool = False
+    content_sha256: Optional[str] = None  # noqa: UP045
     timeout_seconds: float = 30.0
     retries: int = 3
     train_examples: Optional[int] = None  # noqa: UP045
@@ -48,6 +48,11 @@ class DataConfig:
         for name, digest in self.sha256.items():
             if not _SHA256.match(digest):
                 raise ValueError(f"sha256.{name} must be 64 lowercase hex digits, got {digest!r}")
+        if self.content_sha256 is not None and not _SHA256.match(self.content_sha256):
+            digest = self.content_sha256
+            raise ValueError(
+                f"content_sha256 must be 64 lowercase hex digits or null, got {digest!r}"
+            )
         if self.timeout_seconds <= 0:
             raise ValueError(f"timeout_seconds must be positive, got {self.timeout_seconds}")
         if self.retries < 0:

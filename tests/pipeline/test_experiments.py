@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ..conftest import (
+    TINY_DATA,
     copy_project,
     free_port,
     kill_processes_in,
@@ -21,7 +22,7 @@ from ..conftest import (
     write_mirror,
 )
 
-TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
+TINY = (*TINY_DATA, "train.batch_size=32")
 GRID = 4
 
 

@@ -6,6 +6,7 @@ import http.server
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from mnist_mlops.config import validate
@@ -15,10 +16,10 @@ from mnist_mlops.pipeline.fetch import (
     NPZ_FILE,
     FetchError,
     choose_files,
-    expected_checksums,
     fetch,
     parse_checksums,
 )
+from mnist_mlops.pipeline.raw import content_digest
 
 from ..conftest import REPO_ROOT, compose_config, tiny_overrides
 
@@ -92,34 +93,39 @@ def test_fetches_the_four_idx_files_over_http(workdir, http_mirror):
 
 def test_mirror_environment_variable_replaces_the_source(workdir, mirror, monkeypatch):
     monkeypatch.setenv("MNIST_MIRROR", str(mirror))
-    # The configured source is unreachable; the mirror's own SHA256SUMS replaces
-    # the official checksums only because the config says so explicitly.
+    # The configured source is unreachable and its checksums are the official ones:
+    # the mirror's own SHA256SUMS must be used. Tiny data is not MNIST: no content check.
     config = validate(
-        compose_config(
-            "data.source=http://127.0.0.1:9/nowhere", "data.checksum_list_overrides=true"
-        )
+        compose_config("data.source=http://127.0.0.1:9/nowhere", "data.content_sha256=null")
     ).data
     fetch(config)
     assert (RAW_DATA_DIR / NPZ_FILE).read_bytes() == (mirror / NPZ_FILE).read_bytes()
 
 
-def test_a_mirrors_own_checksums_never_replace_the_pinned_hash(workdir, mirror, monkeypatch):
-    """A tampered mnist.npz with a SHA256SUMS to match is refused against data.sha256."""
+def test_a_mirrors_own_checksums_never_vouch_for_its_content(workdir, mirror, monkeypatch):
+    """A tampered mnist.npz with a SHA256SUMS to match passes the file check, not the content's."""
     monkeypatch.setenv("MNIST_MIRROR", str(mirror))
-    config = validate(compose_config("data.source=http://127.0.0.1:9/nowhere")).data
-    pinned = config.sha256[NPZ_FILE]
-    with pytest.raises(FetchError, match="sha256 mismatch") as error:
-        fetch(config)
-    assert pinned in str(error.value)
-    assert "never replaces a pinned hash" in str(error.value)
-    assert not RAW_DATA_DIR.exists()
-    # A file the config does not pin is still taken from the list.
-    checksums = expected_checksums(config, str(mirror))
-    assert checksums[NPZ_FILE] == pinned
-    assert (
-        checksums[IDX_FILES["train_images"]]
-        == hashlib.sha256((mirror / IDX_FILES["train_images"]).read_bytes()).hexdigest()
+    expected = content_digest(mirror)
+    config = validate(
+        compose_config("data.source=http://127.0.0.1:9/nowhere", f"data.content_sha256={expected}")
+    ).data
+    fetch(config)  # the honest mirror passes both checks
+    with np.load(mirror / NPZ_FILE) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["y_train"] = np.zeros_like(arrays["y_train"])  # every training label 0
+    np.savez(mirror / NPZ_FILE, **arrays)
+    digest = hashlib.sha256((mirror / NPZ_FILE).read_bytes()).hexdigest()
+    sums = (mirror / "SHA256SUMS").read_text().splitlines()
+    (mirror / "SHA256SUMS").write_text(
+        "".join(
+            f"{digest}  {NPZ_FILE}\n" if line.endswith(NPZ_FILE) else f"{line}\n" for line in sums
+        )
     )
+    before = (RAW_DATA_DIR / NPZ_FILE).read_bytes()
+    with pytest.raises(FetchError, match="not the pinned ones") as error:
+        fetch(config)
+    assert expected in str(error.value) and "data.content_sha256" in str(error.value)
+    assert (RAW_DATA_DIR / NPZ_FILE).read_bytes() == before  # the previous data is kept
 
 
 def test_wrong_checksum_names_source_and_both_digests(workdir, mirror):

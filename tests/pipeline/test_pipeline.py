@@ -10,12 +10,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from ..conftest import REAL_MNIST, compose_config, run, subprocess_env
+from ..conftest import REAL_MNIST, TINY_DATA, compose_config, run, subprocess_env
 
 STAGES = ("fetch", "preprocess", "train", "evaluate")
 TINY = (
-    "data.train_examples=null",
-    "data.test_examples=null",
+    *TINY_DATA,
     "train.batch_size=32",
 )
 

@@ -13,10 +13,9 @@ from mnist_mlops.pipeline.preprocess import (
     DataError,
     load_split,
     preprocess,
-    read_idx,
-    read_npz,
     stratified_split,
 )
+from mnist_mlops.pipeline.raw import read_idx, read_npz
 
 from ..conftest import TEST_EXAMPLES, TRAIN_EXAMPLES, idx_bytes, tiny_mnist
 

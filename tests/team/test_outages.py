@@ -13,6 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from ..conftest import (
+    TINY_DATA,
     client_env,
     compose_config,
     copy_project,
@@ -22,7 +23,7 @@ from ..conftest import (
     tracking_server,
 )
 
-TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
+TINY = (*TINY_DATA, "train.batch_size=32")
 OUTAGE_SECONDS = 30
 # Enough epochs of the tiny data for both outages to fall inside the fit.
 EPOCHS = 1200

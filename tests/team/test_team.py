@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from ..conftest import (
     REPO_ROOT,
+    TINY_DATA,
     compose_config,
     copy_project,
     free_port,
@@ -31,7 +32,7 @@ from ..conftest import (
     tls_context,
 )
 
-TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
+TINY = (*TINY_DATA, "train.batch_size=32")
 
 
 @pytest.fixture(scope="module")

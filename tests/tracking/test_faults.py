@@ -21,6 +21,7 @@ from mnist_mlops.tracking.runs import _terminate, fail_abandoned_runs, terminati
 from mnist_mlops.tracking.store import use_experiment
 
 from ..conftest import (
+    TINY_DATA,
     compose_config,
     copy_project,
     free_port,
@@ -31,7 +32,7 @@ from ..conftest import (
     write_mirror,
 )
 
-TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
+TINY = (*TINY_DATA, "train.batch_size=32")
 
 
 def mlflow_server(store, port: int):

@@ -21,6 +21,7 @@ from mnist_mlops.pipeline.figures import mistakes_image, most_confident_mistakes
 from mnist_mlops.tracking.ui import differing_params, run_note, training_runs_view
 
 from ..conftest import (
+    TINY_DATA,
     copy_project,
     free_port,
     run,
@@ -30,7 +31,7 @@ from ..conftest import (
     write_mirror,
 )
 
-TINY = ("data.train_examples=null", "data.test_examples=null", "train.batch_size=32")
+TINY = (*TINY_DATA, "train.batch_size=32")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PAGE_SECONDS = 60
 

@@ -28,6 +28,7 @@ from mnist_mlops.tuning import search
 from ..conftest import (
     REAL_MNIST,
     REPO_ROOT,
+    TINY_DATA,
     compose_config,
     copy_project,
     free_port,
@@ -37,7 +38,7 @@ from ..conftest import (
     write_mirror,
 )
 
-TINY = ("data.train_examples=null", "data.test_examples=null")
+TINY = TINY_DATA
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 # Short trials on tiny data: 5 or 6 epochs of the mlp search space.
 SHORT = ("--heartbeat", "1", "search.train.epochs.high=6")

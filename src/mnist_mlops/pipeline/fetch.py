@@ -24,15 +24,10 @@ from tqdm import tqdm
 
 from mnist_mlops.atomic import atomic_directory
 from mnist_mlops.config import DataConfig
+from mnist_mlops.model.digits import DataError
 from mnist_mlops.paths import RAW_DATA_DIR, project_root
+from mnist_mlops.pipeline.raw import IDX_FILES, NPZ_FILE, content_digest
 
-NPZ_FILE = "mnist.npz"
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
 MIRROR_ENV = "MNIST_MIRROR"
 OFFLINE_HINT = (
     f"point the fetch stage at a copy of MNIST with {MIRROR_ENV}, e.g. "
@@ -89,22 +84,17 @@ def parse_checksums(text: str, origin: str) -> dict[str, str]:
 
 
 def expected_checksums(config: DataConfig, source: str) -> dict[str, str]:
-    """The sha256 each file must have: `data.sha256` first, a checksum list for the rest.
+    """`data.sha256`, updated by the checksum list (`data.sha256sums` or the mirror's own).
 
-    A checksum list (`data.sha256sums`, or a mirror's own SHA256SUMS) comes
-    from the same place as the data, so whoever can change the data can
-    change the list: it names files that `data.sha256` does not pin, and
-    replaces a pinned hash only when `data.checksum_list_overrides` says so.
+    A list vouches for the bytes of a mirror's files (a recompressed copy has
+    other file hashes); what they hold is checked against the pinned
+    `data.content_sha256`, which no list replaces.
     """
     checksums = dict(config.sha256)
     listing = config.sha256sums or (MIRROR_CHECKSUMS if os.environ.get(MIRROR_ENV) else None)
     if listing:
         location = locate(source, listing)
-        listed = parse_checksums(_read_small(location, config), location)
-        if config.checksum_list_overrides:
-            checksums.update(listed)
-        else:
-            checksums = {**listed, **checksums}
+        checksums.update(parse_checksums(_read_small(location, config), location))
     return checksums
 
 
@@ -133,7 +123,28 @@ def fetch(config: DataConfig, destination: Path = RAW_DATA_DIR) -> dict[str, str
             location = locate(source, name)
             _fetch_verified(location, staging / name, checksums[name], config)
             print(f"fetched {name} from {location} (sha256 verified)")
+        if config.content_sha256:
+            check_content(staging, config.content_sha256, source)
     return {name: checksums[name] for name in names}
+
+
+def check_content(raw_dir: Path, expected: str, source: str) -> None:
+    """Raise FetchError unless the decoded images and labels are the pinned ones.
+
+    A checksum list travels with the data it vouches for: whoever could
+    change the data could change the list. The content digest is pinned in
+    the config and no list replaces it.
+    """
+    try:
+        actual = content_digest(raw_dir)
+    except DataError as error:
+        raise FetchError(f"{source}: {error}") from None
+    if actual != expected:
+        raise FetchError(
+            f"{source}: the images and labels are not the pinned ones: content sha256 {actual}, "
+            f"expected {expected} (data.content_sha256; a mirror's checksum list vouches for "
+            "its bytes, never for what they hold)"
+        )
 
 
 def _retrying(location: str, config: DataConfig, attempt_once: Callable[[], T]) -> T:
@@ -162,8 +173,7 @@ def _fetch_verified(location: str, target: Path, expected: str, config: DataConf
         target.unlink(missing_ok=True)
         raise FetchError(
             f"{location}: sha256 mismatch: expected {expected}, got {actual} "
-            f"({size} bytes); the file is corrupt, truncated, tampered with or not the one "
-            "configured (data.sha256 pins it; a mirror's SHA256SUMS never replaces a pinned hash)"
+            f"({size} bytes); the file is corrupt, truncated or not the one configured"
         )
 
 

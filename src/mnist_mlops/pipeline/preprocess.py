@@ -14,7 +14,6 @@ Without one, the splits and their digest are exactly what they were before
 feedback existed.
 """
 
-import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -33,79 +32,9 @@ from mnist_mlops.paths import (
     RAW_DATA_DIR,
     processed_split_file,
 )
-from mnist_mlops.pipeline.fetch import IDX_FILES, NPZ_FILE
-from mnist_mlops.untrusted import MAX_NPZ_BYTES, UntrustedFileError, declared_arrays, load_npz
-
-IDX_IMAGES_MAGIC = 2051
-IDX_LABELS_MAGIC = 2049
+from mnist_mlops.pipeline.raw import NPZ_FILE, read_raw
 
 Split = tuple[np.ndarray, np.ndarray]
-
-
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """Read one gzip-compressed IDX file of unsigned bytes (images or labels)."""
-    try:
-        with gzip.open(path, "rb") as stream:
-            # The header first: what it declares bounds what is inflated.
-            content = stream.read(4)
-            magic = int.from_bytes(content, "big")
-            if len(content) == 4 and magic == expected_magic:
-                content += stream.read(4 * (magic & 0xFF))
-                shape = tuple(
-                    int.from_bytes(content[4 + 4 * index : 8 + 4 * index], "big")
-                    for index in range(magic & 0xFF)
-                )
-                declared = int(np.prod(shape, dtype=object))
-                if declared > MAX_NPZ_BYTES:
-                    raise DataError(
-                        f"{path}: the header declares {declared:,} bytes, over the limit of "
-                        f"{MAX_NPZ_BYTES:,}"
-                    )
-                content += stream.read(declared + 1)
-    except (OSError, EOFError) as error:
-        raise DataError(f"{path}: not a readable gzip file ({error})") from None
-    if len(content) >= 4 and magic != expected_magic:
-        raise DataError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
-    if len(content) < 8:
-        raise DataError(f"{path}: too short for an IDX header ({len(content)} bytes)")
-    header_size = 4 + 4 * (magic & 0xFF)
-    expected_size = header_size + int(np.prod(shape))
-    if len(content) != expected_size:
-        raise DataError(
-            f"{path}: header promises shape {shape} ({expected_size} bytes), "
-            f"file has {len(content)} bytes"
-        )
-    return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape(shape)
-
-
-def read_npz(path: Path) -> tuple[Split, Split]:
-    """Read the Keras-layout `mnist.npz` without unpickling anything."""
-    names = ["x_train", "y_train", "x_test", "y_test"]
-    try:
-        missing = set(names) - set(declared_arrays(path))
-        if missing:
-            raise DataError(f"{path}: missing arrays {', '.join(sorted(missing))}")
-        arrays = load_npz(path, names)
-    except UntrustedFileError as error:
-        raise DataError(str(error)) from None
-    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
-
-
-def read_raw(raw_dir: Path = RAW_DATA_DIR) -> tuple[Split, Split]:
-    """The (train, test) images and labels from whichever format fetch stored."""
-    if (raw_dir / NPZ_FILE).exists():
-        return read_npz(raw_dir / NPZ_FILE)
-    missing = [name for name in IDX_FILES.values() if not (raw_dir / name).exists()]
-    if missing:
-        raise DataError(f"{raw_dir}: neither {NPZ_FILE} nor the IDX files ({', '.join(missing)})")
-
-    def idx(key: str, magic: int) -> np.ndarray:
-        return read_idx(raw_dir / IDX_FILES[key], magic)
-
-    return (
-        (idx("train_images", IDX_IMAGES_MAGIC), idx("train_labels", IDX_LABELS_MAGIC)),
-        (idx("test_images", IDX_IMAGES_MAGIC), idx("test_labels", IDX_LABELS_MAGIC)),
-    )
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
