@@ -1,7 +1,12 @@
-"""Atomic writes: a result appears complete under its final name, or not at all."""
+"""Atomic writes: a result appears complete under its final name, or not at all.
+
+And the files nobody else may read: private results (0600 in a 0700 folder)
+and secret files, made 0600 from their first byte.
+"""
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -71,6 +76,34 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             os.replace(temporary, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+class SecretFileError(ValueError):
+    """A secret file that is missing, too short or readable by others; the text says which."""
+
+
+def read_secret_file(path: Path, make: bool, minimum: int = 32) -> str:
+    """The secret in `path` (0600, at least `minimum` characters); made first when `make`.
+
+    Created with O_EXCL and mode 0600 in one call: it is never readable by
+    others, not even for a moment, whatever the umask.
+    """
+    path = Path(path)
+    if make and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        raise SecretFileError(f"no secret at {path}") from None
+    if mode & 0o077:
+        raise SecretFileError(f"{path} is readable by others: chmod 600 {path}")
+    if len(secret) < minimum:
+        raise SecretFileError(f"the secret in {path} must be at least {minimum} characters")
+    return secret
 
 
 def write_text(target: Path, text: str) -> None:

@@ -21,7 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from ..conftest import descendants, free_port, run, subprocess_env, tcp_sockets, train_champion
+from ..conftest import (
+    command_lines,
+    descendants,
+    free_port,
+    run,
+    subprocess_env,
+    tcp_sockets,
+    train_champion,
+)
 
 MODEL = "mnist-classifier"
 # A driver that does not know the cluster's secret, trying to run a job on it.
@@ -109,12 +117,7 @@ def watch_command_lines():
 
     def watch() -> None:
         while not stop.is_set():
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    try:
-                        seen.add((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-                    except (OSError, UnicodeDecodeError):
-                        continue
+            seen.update(command_lines().splitlines())
             stop.wait(0.1)
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -3,6 +3,7 @@
 Elsewhere, without them, these tests skip with the reason; under CI they fail.
 """
 
+import base64
 import http.server
 import json
 import shutil
@@ -10,10 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -21,7 +25,15 @@ import yaml
 
 from mnist_mlops.processes import cannot_listen
 
-from ..conftest import REPO_ROOT, free_port, run, subprocess_env, train_champion, unavailable
+from ..conftest import (
+    REPO_ROOT,
+    command_lines,
+    free_port,
+    run,
+    subprocess_env,
+    train_champion,
+    unavailable,
+)
 
 MONITORING = REPO_ROOT / "deploy" / "monitoring"
 
@@ -51,8 +63,10 @@ def monitoring_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "mnist_mlops", "monitoring", *arguments]
 
 
-def refused(arguments: list[str], env=None) -> str:
-    result = run(monitoring_command(*arguments), REPO_ROOT, env or subprocess_env(), check=False)
+def refused(arguments: list[str], env=None, login: Path | None = None) -> str:
+    env = env or subprocess_env()
+    env["MNIST_MONITORING_PASSWORD_FILE"] = str(login or Path(tempfile.mkdtemp()) / "login")
+    result = run(monitoring_command(*arguments), REPO_ROOT, env, check=False)
     assert result.returncode == 1, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("mnist-mlops")]
     return line
@@ -95,13 +109,30 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def query(prometheus: str, expression: str) -> list[dict]:
+def authorized(url: str, password: str | None, data: bytes | None = None):
+    """A request with the monitoring login (none when `password` is None)."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    if password is not None:
+        token = base64.b64encode(f"monitoring:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def query(prometheus: str, expression: str, password: str) -> list[dict]:
     url = f"{prometheus}/api/v1/query?query={urllib.parse.quote(expression)}"
     try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
+        with urllib.request.urlopen(authorized(url, password), timeout=5) as answer:
             return json.load(answer)["data"]["result"]
     except OSError:
         return []
+
+
+def status_without_login(url: str, data: bytes | None = None) -> int:
+    try:
+        with urllib.request.urlopen(authorized(url, None, data), timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def wait_until(condition, seconds: float, what: str):
@@ -130,6 +161,7 @@ def test_prometheus_scrapes_the_server_and_its_death_reaches_the_webhook(tmp_pat
     (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(routes))
 
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    login = tmp_path / "monitoring.password"
     server = subprocess.Popen(
         [sys.executable, "-m", "mnist_mlops", "serve", "--port", str(server_port)],
         cwd=tmp_path,
@@ -148,15 +180,34 @@ def test_prometheus_scrapes_the_server_and_its_death_reaches_the_webhook(tmp_pat
             *("--webhook-url", f"http://127.0.0.1:{receiver.server_address[1]}/"),
         ),
         cwd=REPO_ROOT,
-        env=subprocess_env(),
+        env=subprocess_env(MNIST_MONITORING_PASSWORD_FILE=str(login)),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     prometheus = f"http://127.0.0.1:{prometheus_port}"
+    alertmanager = f"http://127.0.0.1:{alertmanager_port}"
     try:
+        wait_until(login.exists, 60, "the login was not made")
+        password = login.read_text().strip()
+        assert login.stat().st_mode & 0o777 == 0o600
         up = 'up{job="model-server"} == 1'
-        wait_until(lambda: query(prometheus, up), 120, "Prometheus did not see the server up")
+        wait_until(
+            lambda: query(prometheus, up, password), 120, "Prometheus did not see the server up"
+        )
+        # Without the login nothing is read, and no silence is made.
+        assert status_without_login(f"{prometheus}/api/v1/query?query=up") == 401
+        silence = json.dumps(
+            {
+                "matchers": [{"name": "alertname", "value": "ModelServerDown", "isRegex": False}],
+                "startsAt": "2026-01-01T00:00:00Z",
+                "endsAt": "2099-01-01T00:00:00Z",
+                "createdBy": "a stranger",
+                "comment": "quiet",
+            }
+        ).encode()
+        assert status_without_login(f"{alertmanager}/api/v2/silences", silence) == 401
+        assert password not in command_lines()
         for _ in range(3):
             body = json.dumps({"inputs": images[:1].tolist()}).encode()
             request = urllib.request.Request(
@@ -166,7 +217,9 @@ def test_prometheus_scrapes_the_server_and_its_death_reaches_the_webhook(tmp_pat
             )
             urllib.request.urlopen(request, timeout=30).close()
         moved = 'sum(mnist_serving_requests_total{path="/invocations", status="200"}) >= 3'
-        wait_until(lambda: query(prometheus, moved), 30, "the request counter did not move")
+        wait_until(
+            lambda: query(prometheus, moved, password), 30, "the request counter did not move"
+        )
 
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)

@@ -408,3 +408,61 @@ def test_two_replicas_behind_the_proxy_lose_no_request_when_one_is_killed(certif
         status, answer = post(proxied, body, certificates)
         assert status == 502 and answer["error_code"] == "TEMPORARILY_UNAVAILABLE"
         assert time.perf_counter() - started < 5
+
+
+def test_feedback_sent_the_moment_its_answer_arrives_is_taken_through_two_replicas(
+    certificates, tmp_path
+):
+    """100 answers, each followed at once by its feedback, through the proxy and two replicas.
+
+    The proxy takes the replicas in turn, so feedback often reaches the
+    replica that did not answer: it must wait for the other's rows rather
+    than refuse them.
+    """
+    uri, images = train_champion(tmp_path)
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri, MNIST_INFERENCE_LOG_DIR=str(tmp_path / "log"))
+    first = free_port()
+    while cannot_listen("127.0.0.1", first + 1):
+        first = free_port()
+    proxy_port = free_port()
+    command = proxy_command(
+        certificates,
+        *("model", "--replicas", "2", "--replica-port", str(first)),
+        *("--model-port", str(proxy_port), "--rate", "100000", "--burst", "100000"),
+        *("--feedback-rate", "100000"),
+    )
+    url = f"https://127.0.0.1:{proxy_port}"
+    context = tls_context(certificates)
+    outcomes: list[tuple[int, dict]] = []
+
+    def call(path: str, body: dict) -> tuple[int, dict, dict]:
+        request = urllib.request.Request(
+            f"{url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60, context=context) as answer:
+                return answer.status, json.load(answer), answer.headers
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read()), error.headers
+
+    def client(offset: int) -> None:
+        for index in range(offset, 100, 4):
+            status, answer, headers = call(
+                "/invocations", {"inputs": images[index % 50][None].tolist()}
+            )
+            assert status == 200, answer
+            feedback = {
+                "request_id": headers["X-Request-ID"],
+                "digits": [answer["predictions"][0]["digit"]],
+            }
+            outcomes.append(call("/feedback", feedback)[:2])
+
+    with serving(command, env, url, "/ping", REPO_ROOT, context=context):
+        clients = [threading.Thread(target=client, args=(offset,)) for offset in range(4)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(timeout=300)
+    assert len(outcomes) == 100
+    refused = [outcome for outcome in outcomes if outcome[0] != 200 or outcome[1]["recorded"] != 1]
+    assert refused == []

@@ -23,7 +23,15 @@ import yaml
 from mnist_mlops.processes import cannot_listen
 from mnist_mlops.team.object_store import grpc_sockets, internal_ports, keys_for, s3_client
 
-from ..conftest import REPO_ROOT, free_port, parent_of, run, subprocess_env, tcp_sockets
+from ..conftest import (
+    REPO_ROOT,
+    command_lines,
+    free_port,
+    parent_of,
+    run,
+    subprocess_env,
+    tcp_sockets,
+)
 
 if shutil.which("weed", path=str(Path(sys.executable).parent)) is None:
     pytest.skip("SeaweedFS is not installed: make install-object-store", allow_module_level=True)
@@ -184,6 +192,11 @@ def test_no_internal_port_reads_writes_or_deletes_for_a_stranger(store):
     for name in ("master.grpc", "volume.grpc", "filer.grpc", "s3.grpc"):
         assert not anonymous_http(ports[name], "POST", "/", True).isdigit(), name
     assert owner.get_object(Bucket="mlflow", Key="private.txt")["Body"].read() == b"team data"
+    # No key, and not the secret they derive from, on any command line.
+    shown = command_lines()
+    keys = [keys_for(secret, name) for name in ("admin", "tracking", "alice")]
+    for value in [secret.decode(), *(key.secret_key for key in keys)]:
+        assert value not in shown
     assert "planted.txt" not in str(owner.list_objects_v2(Bucket="mlflow"))
     # The volumes and the log are the owner's alone.
     data = Path(f"/proc/{weed_of(process)}/cwd").resolve()

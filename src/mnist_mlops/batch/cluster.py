@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
@@ -33,6 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnist_mlops.atomic import SecretFileError, read_secret_file
 from mnist_mlops.batch.formats import BatchError
 from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent, wait_in_foreground
 
@@ -75,24 +74,16 @@ def secret_file() -> Path:
 
 def read_or_make_secret(path: Path, make: bool) -> str:
     """The cluster's shared secret; made (0600) when `make` and there is none yet."""
-    if make and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(secrets.token_urlsafe(32) + "\n")
     try:
-        mode = path.stat().st_mode
-        secret = path.read_text().strip()
-    except FileNotFoundError:
-        raise BatchError(
-            f"no Spark secret at {path}: the cluster makes it at its first start "
-            f"(mnist-mlops spark-cluster); point {SECRET_FILE_ENV} at its file"
-        ) from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise BatchError(f"{path} is readable by others: chmod 600 {path}")
-    if len(secret) < 32:
-        raise BatchError(f"the Spark secret in {path} must be at least 32 characters")
-    return secret
+        return read_secret_file(path, make)
+    except SecretFileError as error:
+        hint = (
+            f": the cluster makes it at its first start (mnist-mlops spark-cluster); point "
+            f"{SECRET_FILE_ENV} at its file"
+            if not path.exists()
+            else ""
+        )
+        raise BatchError(f"the Spark secret: {error}{hint}") from None
 
 
 def commands(settings: ClusterSettings, properties: Path) -> list[list[str]]:

@@ -7,10 +7,18 @@ folders. Alertmanager's clustering is off (it would listen on every
 interface). Ctrl-C or SIGTERM stops both; if the command is killed outright
 the kernel stops them (PR_SET_PDEATHSIG), and if either one exits the other
 is stopped too.
+
+Both want a login (basic auth, user `monitoring`): their HTTP APIs read
+every metric and, on Alertmanager, create silences, which on a shared
+machine any local user could otherwise do. The password is in a 0600 file
+(`monitoring.password`, or MNIST_MONITORING_PASSWORD_FILE), made at the
+first start; the servers get its bcrypt hash in their web configuration,
+and Prometheus the file itself for Alertmanager.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -19,10 +27,13 @@ from pathlib import Path
 
 import yaml
 
+from mnist_mlops.atomic import SecretFileError, read_secret_file
 from mnist_mlops.paths import MONITORING_CONFIG_DIR
 from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent, wait_in_foreground
 
 HOST = "127.0.0.1"
+USERNAME = "monitoring"
+PASSWORD_FILE_ENV = "MNIST_MONITORING_PASSWORD_FILE"
 # Debian names Alertmanager's binary prometheus-alertmanager.
 ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")
 
@@ -43,6 +54,29 @@ class MonitoringSettings:
     rules: Path = MONITORING_CONFIG_DIR / "rules.yml"
     prometheus_config: Path = MONITORING_CONFIG_DIR / "prometheus.yml"
     alertmanager_config: Path = MONITORING_CONFIG_DIR / "alertmanager.yml"
+    password_file: Path = Path("monitoring.password")
+
+
+def password_file() -> Path:
+    return Path(os.environ.get(PASSWORD_FILE_ENV) or "monitoring.password")
+
+
+def login(path: Path) -> str:
+    """The servers' password, from its 0600 file (made at the first start)."""
+    try:
+        return read_secret_file(path, make=True)
+    except SecretFileError as error:
+        raise MonitoringError(f"the login: {error}") from None
+
+
+def web_config(password: str, runtime: Path) -> Path:
+    """The web configuration both servers read: one user, the password's bcrypt hash."""
+    import bcrypt
+
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+    path = runtime / "web.yml"
+    path.write_text(yaml.safe_dump({"basic_auth_users": {USERNAME: hashed}}))
+    return path
 
 
 def binaries() -> tuple[str, str, str, str]:
@@ -78,7 +112,13 @@ def render(settings: MonitoringSettings, runtime: Path) -> tuple[Path, Path]:
     prometheus["rule_files"] = ["rules.yml"]
     prometheus["alerting"] = {
         "alertmanagers": [
-            {"static_configs": [{"targets": [f"{HOST}:{settings.alertmanager_port}"]}]}
+            {
+                "static_configs": [{"targets": [f"{HOST}:{settings.alertmanager_port}"]}],
+                "basic_auth": {
+                    "username": USERNAME,
+                    "password_file": str(settings.password_file.resolve()),
+                },
+            }
         ]
     }
     jobs = []
@@ -120,13 +160,16 @@ def prepare(settings: MonitoringSettings, runtime: Path) -> list[list[str]]:
     ):
         if problem := cannot_listen(HOST, port):
             raise MonitoringError(f"cannot listen on {HOST}:{port} for {name}: {problem}")
+    web = web_config(login(settings.password_file), runtime)
     prometheus_file, alertmanager_file = render(settings, runtime)
     _check([promtool, "check", "config", str(prometheus_file)], "the Prometheus configuration")
     _check([amtool, "check-config", str(alertmanager_file)], "the Alertmanager configuration")
+    _check([promtool, "check", "web-config", str(web)], "the web configuration")
     return [
         [
             alertmanager,
             f"--config.file={alertmanager_file}",
+            f"--web.config.file={web}",
             f"--storage.path={runtime / 'alertmanager-data'}",
             f"--web.listen-address={HOST}:{settings.alertmanager_port}",
             f"--web.external-url=http://{HOST}:{settings.alertmanager_port}/",
@@ -135,6 +178,7 @@ def prepare(settings: MonitoringSettings, runtime: Path) -> list[list[str]]:
         [
             prometheus,
             f"--config.file={prometheus_file}",
+            f"--web.config.file={web}",
             f"--storage.tsdb.path={runtime / 'prometheus-data'}",
             f"--web.listen-address={HOST}:{settings.prometheus_port}",
             f"--web.external-url=http://{HOST}:{settings.prometheus_port}/",
@@ -153,7 +197,8 @@ def run_monitoring(settings: MonitoringSettings) -> int:
         print(
             f"mnist-mlops monitoring: Prometheus on http://{HOST}:{settings.prometheus_port}, "
             f"Alertmanager on http://{HOST}:{settings.alertmanager_port}, scraping "
-            f"{', '.join(settings.targets)}",
+            f"{', '.join(settings.targets)}; login {USERNAME}, password in "
+            f"{settings.password_file}",
             flush=True,
         )
         return wait_in_foreground(processes)

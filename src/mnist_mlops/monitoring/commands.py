@@ -151,7 +151,12 @@ def snapshot_feedback(arguments: argparse.Namespace) -> int:
 
 
 def monitoring(arguments: argparse.Namespace) -> int:
-    from mnist_mlops.monitoring.alerting import MonitoringError, MonitoringSettings, run_monitoring
+    from mnist_mlops.monitoring.alerting import (
+        MonitoringError,
+        MonitoringSettings,
+        password_file,
+        run_monitoring,
+    )
 
     settings = MonitoringSettings(
         targets=tuple(target.strip() for target in arguments.targets.split(",") if target.strip()),
@@ -164,6 +169,7 @@ def monitoring(arguments: argparse.Namespace) -> int:
         rules=arguments.rules,
         prometheus_config=arguments.prometheus_config,
         alertmanager_config=arguments.alertmanager_config,
+        password_file=password_file(),
     )
     try:
         return run_monitoring(settings)
