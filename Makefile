@@ -1,7 +1,8 @@
 # The README's commands. `make help` lists them.
 # Every target uses the project's own virtual environment (.venv): nothing to
 # activate by hand, and DVC's stage commands (`python -m mnist_mlops ...`) find
-# the same interpreter because .venv/bin comes first on PATH.
+# the same interpreter because .venv/bin comes first on PATH (here, and for
+# `.venv/bin/…` run by hand, through the .pth file that `install` writes).
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,6 +11,8 @@ export PATH := $(BIN):$(PATH)
 # MkDocs Material prints a notice about its successor on every build.
 export NO_MKDOCS_2_WARNING := 1
 PORT ?= 5000
+# The UI's own port, so that `make ui` and `make serve` run side by side.
+UI_PORT ?= 5050
 # `make serve`: how many replicas of the model server (more than 1: behind nginx, `make certs` first)
 REPLICAS ?= 1
 SERVERS ?= model
@@ -24,10 +27,14 @@ TARGETS ?= 127.0.0.1:$(PORT)
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
+# The .pth file puts .venv/bin first on PATH in every process of this
+# interpreter, so `.venv/bin/dvc` (and `dvc exp run --temp`, `dvc queue start`)
+# runs the stages' `python -m mnist_mlops …` in .venv with nothing activated.
 $(VENV)/.installed: requirements-lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-lock.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(BIN)/python -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_path("purelib"), "mnist_mlops_path.pth").write_text("import os, sys; here = os.path.dirname(sys.executable); path = os.environ.get(\"PATH\", \"\"); os.environ[\"PATH\"] = path if path.split(os.pathsep)[0] == here else here + os.pathsep + path\n")'
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv with the locked dependencies
@@ -84,8 +91,8 @@ params: install ## Re-compose params.yaml from conf/ (what `dvc exp run` does)
 	python -c "import os; from dvc.utils.hydra import compose_and_dump; \
 	compose_and_dump('params.yaml', os.path.abspath('conf'), None, 'config', '.', [])"
 
-ui: install ## The MLflow UI on the embedded store, with direct links (127.0.0.1:5000; PORT=…)
-	mnist-mlops ui --host 127.0.0.1 --port $(PORT)
+ui: install ## The MLflow UI on the embedded store, with direct links (127.0.0.1:5050; UI_PORT=…)
+	mnist-mlops ui --host 127.0.0.1 --port $(UI_PORT)
 
 serve: install ## Serve the champion over HTTP (127.0.0.1:5000; PORT=…); REPLICAS=N: N of them behind HTTPS on 8443
 ifeq ($(REPLICAS),1)

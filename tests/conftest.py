@@ -40,6 +40,7 @@ PROJECT_FILES = (
     "dvc.yaml",
     "params.yaml",
     ".dvc/config",
+    ".dvc/.gitignore",
     "data/feedback/README.md",
     ".gitignore",
     "pyproject.toml",

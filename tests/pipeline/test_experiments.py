@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -26,6 +27,16 @@ TINY = (*TINY_DATA, "train.batch_size=32")
 GRID = 4
 
 
+# `.venv/bin/dvc`, run as the README shows it: from a shell where nothing is
+# activated and whose PATH has no Python with the project's packages.
+VENV_DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def not_activated(env: dict) -> dict:
+    """`env` with a PATH of the system's folders alone: no .venv, no project Python."""
+    return {**env, "PATH": "/usr/bin:/bin"}
+
+
 def start_queue(project, env, jobs: int) -> None:
     """`dvc queue start`, which returns once its workers are spawned.
 
@@ -35,7 +46,7 @@ def start_queue(project, env, jobs: int) -> None:
     """
     with open(project.parent / "queue-start.log", "w") as log:
         subprocess.run(
-            ["dvc", "queue", "start", "-j", str(jobs)],
+            [VENV_DVC, "queue", "start", "-j", str(jobs)],
             cwd=project,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -68,8 +79,9 @@ def grid(tmp_path_factory):
 
     overrides = [f"-S{override}" for override in (*TINY, "train.epochs=1")]
     grid_overrides = ["-Smodel=mlp,cnn", "-Soptimizer=rmsprop,adam"]
-    run(["dvc", "exp", "run", "--queue", *overrides, *grid_overrides], project, env)
-    start_queue(project, env, jobs=2)
+    bare = not_activated(env)
+    run([VENV_DVC, "exp", "run", "--queue", *overrides, *grid_overrides], project, bare)
+    start_queue(project, bare, jobs=2)
     try:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
@@ -85,6 +97,31 @@ def grid(tmp_path_factory):
         # Idle workers leave on their own after 10 s; never leave one behind.
         run(["dvc", "queue", "stop", "--kill"], project, env, check=False, timeout=120)
         kill_processes_in(project)
+
+
+def test_an_experiment_in_a_temporary_copy_needs_nothing_activated(tmp_path):
+    """`.venv/bin/dvc exp run --temp`, no virtualenv on PATH: the stages find the project's
+    Python; a failed experiment leaves params.yaml and the outputs as they were."""
+    mirror = tmp_path / "mirror"
+    write_mirror(mirror)
+    project = copy_project(tmp_path / "clone")
+    env = not_activated(subprocess_env(MNIST_MIRROR=str(mirror)))
+    overrides = [f"-S{override}" for override in (*TINY, "train.epochs=1")]
+    params = (project / "params.yaml").read_text()
+    done = run([VENV_DVC, "exp", "run", "--temp", *overrides, "-n", "bare"], project, env)
+    assert "No module named" not in done.stderr
+    assert (project / "params.yaml").read_text() == params
+    listed = run([VENV_DVC, "exp", "show", "--no-pager", "--csv"], project, env).stdout
+    assert "bare" in listed
+    failed = run(
+        [VENV_DVC, "exp", "run", "--temp", *overrides, "-Strain.epochs=0"],
+        project,
+        env,
+        check=False,
+    )
+    assert failed.returncode != 0 and "epochs" in failed.stderr
+    assert (project / "params.yaml").read_text() == params
+    assert run(["git", "status", "--porcelain"], project, env).stdout == ""
 
 
 def test_every_queued_experiment_lands_in_the_one_store(grid):

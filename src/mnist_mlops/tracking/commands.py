@@ -14,7 +14,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "ui", help="the MLflow UI on the project's store, with direct links to the runs"
     )
     browse.add_argument("--host", default="127.0.0.1", help="bind address")
-    browse.add_argument("--port", type=int, default=5000, help="port")
+    browse.add_argument("--port", type=int, default=5050, help="port (5000 is the model server's)")
     browse.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
     browse.set_defaults(run=ui)
     leaderboard = commands.add_parser("runs", help="list the MLflow runs, best first")
