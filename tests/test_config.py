@@ -88,7 +88,8 @@ def test_presets_select_what_they_promise():
         ("train.epochs=-3", "train.epochs must be positive, got -3"),
         ("optimizer.learning_rate=-0.1", "optimizer.learning_rate must be positive"),
         ("train.batch_size=lots", "train.batch_size: Value 'lots' of type 'str' could not be"),
-        ("+train.epoch=3", "train.epoch: Key 'epoch' not in 'TrainConfig'"),
+        ("+train.epoch=3", "train.epoch: Key 'epoch' not in 'TrainConfig'; did you mean epochs?"),
+        ("+optimiser.name=adam", "unknown config section(s): optimiser; did you mean optimizer?"),
         ("train.validation_fraction=1.5", "validation_fraction must be between 0 and 1"),
         ("train.distributed.processes=0", "train.distributed.processes must be positive, got 0"),
         (
@@ -100,7 +101,10 @@ def test_presets_select_what_they_promise():
             "train.distributed.coordinator must be HOST:PORT, got 'somewhere'",
         ),
         ("train.distributed.timeout_seconds=0", "distributed.timeout_seconds must be positive"),
-        ("+train.distributed.hosts=4", "train.distributed.hosts: Key 'hosts' not in"),
+        (
+            "+train.distributed.hosts=4",
+            "train.distributed.hosts: Key 'hosts' not in 'DistributedConfig' (known: coordinator,",
+        ),
         ("data.format=zip", "data.format must be one of auto, npz, idx"),
         ("model.hidden_units=2.5", "model.hidden_units: Value '2.5' of type 'float'"),
     ],

@@ -6,6 +6,7 @@
 so a bad value stops the stage in well under a second.
 """
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -213,6 +214,21 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def did_you_mean(unknown: list[str], known) -> str:
+    """The closest known name to each unknown one ("did you mean …?"), then the known names."""
+    matches = {
+        name: match[0]
+        for name in unknown
+        if (match := difflib.get_close_matches(name, list(known), n=1, cutoff=0.6))
+    }
+    if len(unknown) == 1 and matches:
+        hint = f"; did you mean {matches[unknown[0]]}?"
+    else:
+        pairs = [f"{name} → {match}" for name, match in matches.items()]
+        hint = f"; did you mean {', '.join(pairs)}?" if pairs else ""
+    return f"{hint} (known: {', '.join(sorted(known))})"
+
+
 def _typed(section: str, schema: type, values: Any) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"{section}: expected a mapping of settings, got {values!r}")
@@ -222,6 +238,10 @@ def _typed(section: str, schema: type, values: Any) -> Any:
     except OmegaConfBaseException as error:
         key = f"{section}.{error.full_key}" if error.full_key else section
         message = str(error.msg).split("\n")[0]
+        if "not in" in message and error.key is not None:  # an unknown key of the section
+            owner = getattr(error, "object_type", None) or schema
+            known = list(getattr(owner, "__dataclass_fields__", {}))
+            message += did_you_mean([str(error.key)], known)
         raise ConfigError(f"{key}: {message}") from None
     except ValueError as error:
         raise ConfigError(f"{section}.{error}") from None
@@ -245,7 +265,9 @@ def validate(raw: Mapping[str, Any]) -> Config:
     expected = {"data", "train", "mlflow", "registry", "serving", "feedback", "model", "optimizer"}
     unknown = sorted(set(raw) - expected)
     if unknown:
-        raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
+        raise ConfigError(
+            f"unknown config section(s): {', '.join(unknown)}{did_you_mean(unknown, expected)}"
+        )
     missing = sorted(expected - set(raw))
     if missing:
         raise ConfigError(f"missing config section(s): {', '.join(missing)}")

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from ..conftest import (
@@ -248,3 +249,19 @@ def test_leaderboard_reads_a_tracking_server_too(grid, ui_server):
     _header, local = leaderboard(project, env)
     _header, remote = leaderboard(project, {**env, "MLFLOW_TRACKING_URI": ui_server})
     assert [line.split() for line in remote] == [line.split() for line in local]
+
+
+def test_a_training_run_says_which_keys_params_yaml_changed(tmp_path):
+    """After `dvc exp apply` (here: params.yaml edited as it would), `make repro` says so."""
+    project = copy_project(tmp_path / "clone")
+    env = subprocess_env()
+    check = [sys.executable, "-m", "mnist_mlops.pipeline.params_check", "make repro"]
+    assert run(check, project, env).stderr == ""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["optimizer"] = {"name": "adam", "learning_rate": 0.001}
+    params["train"]["epochs"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (line,) = run(check, project, env).stderr.strip().splitlines()
+    assert line.startswith("make repro: params.yaml differs from what conf/ composes: ")
+    assert "optimizer.name adam (conf/: rmsprop)" in line and "train.epochs 3 (conf/: 5)" in line
+    assert "`make params` goes back to conf/" in line

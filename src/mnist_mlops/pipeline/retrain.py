@@ -54,8 +54,11 @@ class Retraining:
 
 def retrain(log_dir: Path, feedback_file: Path = FEEDBACK_SNAPSHOT_FILE) -> Retraining:
     """Snapshot `log_dir`'s labelled traffic, then `dvc repro`; raise on a failed step."""
+    from mnist_mlops.pipeline.params_check import warn_if_different
+
     summary = snapshot(log_dir, feedback_file)
     print(summary, flush=True)
+    warn_if_different("mnist-mlops retrain")
     before = REGISTRY_FILE.stat().st_mtime_ns if REGISTRY_FILE.exists() else None
     started = time.perf_counter()
     completed = subprocess.run([sys.executable, "-m", "dvc", "repro"])

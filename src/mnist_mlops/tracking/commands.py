@@ -28,10 +28,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def ui(arguments: argparse.Namespace) -> int:
-    from mnist_mlops.config import load_params
+    from mnist_mlops.config import ConfigError, load_params
     from mnist_mlops.tracking.ui import run_ui
 
-    config = load_params(arguments.params)
+    try:
+        config = load_params(arguments.params)
+    except ConfigError as error:
+        print(f"mnist-mlops ui: invalid config: {error}", file=sys.stderr)
+        return 2
     return run_ui(
         arguments.host, arguments.port, config.mlflow.experiment_name, config.registry.model_name
     )
