@@ -133,6 +133,9 @@ def test_noise_is_drift_and_reaches_a_pushgateway(project, tmp_path):
     assert result.returncode == 3, result.stderr
     assert summary["verdict"] == "drift" and "mean_intensity" in summary["drifted"]
     assert "drift in mean_intensity" in result.stdout
+    # Where the report is, and the runbook's next step.
+    assert f"report {log_dir.parent / f'{log_dir.name}-reports' / 'report.html'}" in result.stdout
+    assert "next: send the true digits back" in result.stdout and "make retrain" in result.stdout
     drift = [line for line in pushed.splitlines() if line.startswith("mnist_monitor_drift{")]
     assert drift and 'model_version="1"' in drift[0] and drift[0].endswith(" 1")
 
@@ -143,7 +146,11 @@ def test_too_few_rows_an_empty_log_and_another_version(project, tmp_path):
     log_traffic(few, model, images[:10])
     result, summary = monitor(project, few)
     assert result.returncode == 4 and summary["verdict"] == "too few rows"
-    assert result.stdout.strip() == "monitor: mnist-classifier v1, 10 rows: too few rows"
+    line = result.stdout.strip()
+    assert line.startswith("monitor: mnist-classifier v1, 10 rows: too few rows (10 of the 200")
+    # How long to wait comes from the window's own traffic (10 rows logged within ms).
+    assert "at this window's traffic, about " in line and "or lower --min-rows" in line
+    assert line.endswith(f"; report {few.parent / 'few-reports' / 'report.html'}")
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -155,7 +162,8 @@ def test_too_few_rows_an_empty_log_and_another_version(project, tmp_path):
     result, _summary = monitor(project, other)
     assert result.returncode == 4
     assert result.stdout.strip() == (
-        "monitor: mnist-classifier v1, 0 rows: too few rows (the log holds rows of version(s) 7)"
+        "monitor: mnist-classifier v1, 0 rows: too few rows (0 of the 200 a check needs; wait "
+        "for traffic, or lower --min-rows) (the log holds rows of version(s) 7)"
     )
 
 

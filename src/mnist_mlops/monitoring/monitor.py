@@ -173,7 +173,8 @@ def run_monitor(settings: MonitorSettings) -> tuple[int, str]:
     _log_run(settings, summary)
     if settings.pushgateway:
         _push(settings.pushgateway, summary)
-    return EXIT_STATUS[result.verdict], _line(summary, logged, count)
+    line = _line(summary, logged, count, rows, settings.min_rows)
+    return EXIT_STATUS[result.verdict], line + _next_step(summary, settings.reports_dir, count)
 
 
 def _window(rows: dict) -> dict[str, str]:
@@ -185,9 +186,11 @@ def _window(rows: dict) -> dict[str, str]:
     return {"first": stamp(rows["time"].min()), "last": stamp(rows["time"].max())}
 
 
-def _line(summary: dict, logged: dict, count: int) -> str:
+def _line(summary: dict, logged: dict, count: int, rows: dict, min_rows: int) -> str:
     where = f"{summary['model_name']} v{summary['model_version']}"
     line = f"monitor: {where}, {count} rows: {summary['verdict']}"
+    if summary["verdict"] == TOO_FEW:
+        line += f" ({count} of the {min_rows} a check needs{_wait(rows, count, min_rows)})"
     if summary["drifted"]:
         line += f" in {', '.join(summary['drifted'])}"
     if not count and logged:
@@ -200,6 +203,30 @@ def _line(summary: dict, logged: dict, count: int) -> str:
             f"(95 % {accuracy['low']:.4f}–{accuracy['high']:.4f}; test {summary['test_accuracy']})"
         )
     return line
+
+
+def _wait(rows: dict, count: int, min_rows: int) -> str:
+    """How long the window's own traffic takes to bring the rows a check needs."""
+    times = np.asarray(rows.get("time", []), dtype=float)
+    if count < 2 or len(times) < 2 or times.max() <= times.min():
+        return "; wait for traffic, or lower --min-rows"
+    per_second = (count - 1) / (times.max() - times.min())
+    seconds = (min_rows - count) / per_second
+    pace = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+    return f"; at this window's traffic, about {pace} more, or lower --min-rows"
+
+
+def _next_step(summary: dict, reports_dir: Path, count: int) -> str:
+    """Where the report is and, for drift, the runbook's next step."""
+    if not count:
+        return ""
+    step = f"; report {reports_dir / 'report.html'}"
+    if summary["verdict"] == DRIFT:
+        step += (
+            "; next: send the true digits back (POST /feedback or mnist-mlops feedback record), "
+            "then make retrain (docs/closing-the-loop.md)"
+        )
+    return step
 
 
 def _metrics(summary: dict) -> dict[str, float]:
@@ -227,7 +254,7 @@ def _log_run(settings: MonitorSettings, summary: dict) -> None:
                 "verdict": summary["verdict"],
                 "model_name": summary["model_name"],
                 "model_version": summary["model_version"],
-                "mlflow.note.content": _line(summary, {}, summary["rows"]),
+                "mlflow.note.content": _line(summary, {}, summary["rows"], {}, settings.min_rows),
             }
         )
         mlflow.log_metrics(_metrics(summary))
