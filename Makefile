@@ -22,7 +22,7 @@ SEARCH ?= mlp
 TARGETS ?= 127.0.0.1:$(PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-spark install-jax install-object-store object-store repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
+.PHONY: docs-assets help install install-spark install-jax install-object-store object-store repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -78,10 +78,21 @@ lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint
 	ruff format --check .
 	hadolint Dockerfile
 
-docs: install ## Serve the docs site on 127.0.0.1:8000, rebuilt on every change
+# Mermaid for the diagrams, from the npm registry at the version and integrity
+# hash docs/javascripts/package-lock.json pins: the site loads nothing from the internet.
+$(VENV)/.docs-js-installed: $(VENV)/.installed docs/javascripts/package.json docs/javascripts/package-lock.json
+	mkdir -p $(VENV)/docs-js
+	cp docs/javascripts/package.json docs/javascripts/package-lock.json $(VENV)/docs-js/
+	npm ci --prefix $(VENV)/docs-js --ignore-scripts --no-audit --no-fund --silent
+	cp $(VENV)/docs-js/node_modules/mermaid/dist/mermaid.min.js docs/javascripts/mermaid.min.js
+	touch $@
+
+docs-assets: $(VENV)/.docs-js-installed ## Fetch what the docs site serves itself (Mermaid, pinned in docs/javascripts)
+
+docs: install docs-assets ## Serve the docs site on 127.0.0.1:8000, rebuilt on every change
 	mkdocs serve
 
-docs-build: install ## Build the docs site into site/; a broken link or anchor fails it
+docs-build: install docs-assets ## Build the docs site into site/; a broken link or anchor fails it
 	mkdocs build --strict --quiet
 
 format: install ## Format and fix with ruff
