@@ -31,6 +31,20 @@ def cannot_listen(host: str, port: int) -> str:
     return ""
 
 
+def port_taken(host: str, port: int, choose: str) -> str:
+    """A server's one line for a port it cannot have ("" when free), saying how to pick another.
+
+    Checked before a server loads anything or prints a banner, so that a
+    second copy never claims to serve before it fails.
+    """
+    problem = cannot_listen(host, port)
+    if not problem:
+        return ""
+    return (
+        f"cannot listen on {host}:{port}: {problem} (another server? choose another port: {choose})"
+    )
+
+
 def wait_in_foreground(processes: list[subprocess.Popen]) -> int:
     """Wait until SIGINT or SIGTERM, or until one of `processes` exits; return the exit status."""
     stopping: list[bool] = []

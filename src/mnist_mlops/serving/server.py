@@ -179,15 +179,10 @@ def serve(
     """Serve `model_uri` on host:port until SIGINT or SIGTERM; return the exit status."""
     import uvicorn
 
-    from mnist_mlops.processes import cannot_listen
+    from mnist_mlops.processes import port_taken
 
-    # Before loading anything or saying "serving on": a taken port is one line.
-    if problem := cannot_listen(host, port):
-        print(
-            f"mnist-mlops serve: cannot listen on {host}:{port}: {problem} (another server? "
-            "choose another port: make serve PORT=…, or --port)",
-            file=sys.stderr,
-        )
+    if taken := port_taken(host, port, "make serve PORT=…, or --port"):
+        print(f"mnist-mlops serve: {taken}", file=sys.stderr)
         return 1
     try:
         app = load_app(model_uri, observation, follow_seconds)

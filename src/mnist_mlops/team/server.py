@@ -207,13 +207,11 @@ def serve(
     import_from: Path | None = None,
 ) -> None:
     """Prepare the databases and replace this process with the MLflow tracking server."""
-    from mnist_mlops.processes import cannot_listen
+    from mnist_mlops.processes import port_taken
 
     password = admin_password()
-    if problem := cannot_listen(host, port):
-        raise TeamServerError(
-            f"cannot listen on {host}:{port}: {problem} (another server? choose another: --port)"
-        )
+    if taken := port_taken(host, port, "--port"):
+        raise TeamServerError(taken)
     if not backend_store_uri.startswith("postgresql://"):
         raise TeamServerError("the backend store must be a postgresql:// URI")
     if artifacts_destination.startswith("s3://"):

@@ -151,7 +151,7 @@ def prepare_store(experiment_name: str) -> str | None:
 def run_ui(host: str, port: int, experiment_name: str, model_name: str) -> int:
     """`mlflow ui` on the project's store; print the direct links once it answers."""
     from mnist_mlops.paths import MLFLOW_DB_NAME, project_root
-    from mnist_mlops.processes import cannot_listen
+    from mnist_mlops.processes import port_taken
     from mnist_mlops.tracking.store import TRACKING_URI_ENV, embedded_store, tracking_uri
 
     if not embedded_store():
@@ -174,12 +174,8 @@ def run_ui(host: str, port: int, experiment_name: str, model_name: str) -> int:
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = prepare_store(experiment_name)
     url = f"http://{host}:{port}"
-    if problem := cannot_listen(host, port):
-        print(
-            f"mnist-mlops ui: cannot listen on {host}:{port}: {problem} (another server? "
-            "choose another port: make ui UI_PORT=…, or --port)",
-            file=sys.stderr,
-        )
+    if taken := port_taken(host, port, "make ui UI_PORT=…, or --port"):
+        print(f"mnist-mlops ui: {taken}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _interrupt)
     process = subprocess.Popen(
