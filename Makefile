@@ -13,6 +13,7 @@ export NO_MKDOCS_2_WARNING := 1
 PORT ?= 5000
 # The UI's own port, so that `make ui` and `make serve` run side by side.
 UI_PORT ?= 5050
+DOCS_PORT ?= 8000
 # `make serve`: how many replicas of the model server (more than 1: behind nginx, `make certs` first)
 REPLICAS ?= 1
 SERVERS ?= model
@@ -89,8 +90,11 @@ $(VENV)/.docs-js-installed: $(VENV)/.installed docs/javascripts/package.json doc
 
 docs-assets: $(VENV)/.docs-js-installed ## Fetch what the docs site serves itself (Mermaid, pinned in docs/javascripts)
 
-docs: install docs-assets ## Serve the docs site on 127.0.0.1:8000, rebuilt on every change
-	mkdocs serve
+docs: install docs-assets ## Serve the docs site on 127.0.0.1:8000 (DOCS_PORT=…), rebuilt on every change
+	@python -c 'import sys; from mnist_mlops.processes import port_taken; \
+	taken = port_taken("127.0.0.1", $(DOCS_PORT), "make docs DOCS_PORT=…"); \
+	sys.exit(f"make docs: {taken}" if taken else 0)'
+	mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
 
 docs-build: install docs-assets ## Build the docs site into site/; a broken link or anchor fails it
 	mkdocs build --strict --quiet

@@ -10,6 +10,7 @@ import socket
 import sys
 from contextlib import contextmanager
 
+import pytest
 from mlflow import MlflowClient
 
 from .conftest import REPO_ROOT, run, subprocess_env
@@ -52,3 +53,20 @@ def test_the_ui_and_the_tracking_server_refuse_a_taken_port_in_one_line(tmp_path
         )
         assert "Address already in use" in lines[-1] and "another server?" in lines[-1]
         assert "MLflow UI on" not in result.stdout and "Uvicorn running" not in result.stderr
+
+
+def test_make_docs_refuses_a_taken_port_in_one_line():
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 8000))
+        except OSError:
+            pytest.skip("something else holds 127.0.0.1:8000 already")
+        taken.listen()
+        result = run(["make", "-s", "docs"], REPO_ROOT, subprocess_env(), check=False, timeout=300)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("make: ***")]
+    assert lines == [
+        "make docs: cannot listen on 127.0.0.1:8000: Address already in use (another server? "
+        "choose another port: make docs DOCS_PORT=…)"
+    ]
+    assert "Serving on" not in result.stdout + result.stderr
