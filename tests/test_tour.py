@@ -1,4 +1,4 @@
-"""The README's tour, run verbatim in a fresh clone, from a shell where nothing is activated.
+"""The README's tour and its batch scoring, run verbatim in a fresh clone, nothing activated.
 
 Every command of the tour's fenced blocks runs exactly as written, in
 order, with `bash`, in a `git clone` of this repository whose `PATH` holds
@@ -25,14 +25,20 @@ from .conftest import REAL_MNIST, REPO_ROOT
 SERVERS = {"make ui": "http://127.0.0.1:5050/health", "make serve": "http://127.0.0.1:5000/ping"}
 
 
-def tour_commands() -> list[str]:
-    """The commands of the README's tour, in order, continuation lines joined."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    tour = readme.split("--8<-- [start:tour]")[1].split("--8<-- [end:tour]")[0]
+def commands_in(text: str) -> list[str]:
+    """The commands of the fenced bash blocks in `text`, in order, continuation lines joined."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", tour, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         commands += re.sub(r"\\\n", "", block).strip().splitlines()
     return commands
+
+
+def tour_commands() -> list[str]:
+    """The README's tour, then its section on scoring a whole dataset (which needs the champion)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    tour = readme.split("--8<-- [start:tour]")[1].split("--8<-- [end:tour]")[0]
+    scoring = readme.split("## Scoring a whole dataset")[1].split("\n## ")[0]
+    return commands_in(tour) + commands_in(scoring)
 
 
 def shell(clone, env) -> dict:
@@ -112,4 +118,6 @@ def test_the_readme_tour_runs_verbatim_with_nothing_activated(tmp_path):
     transcript = "\n".join(outputs)
     assert '"test_accuracy": 0.97' in transcript or '"test_accuracy": 0.98' in transcript
     assert "digit.png: 7 (probability" in transcript
+    assert "wrote 10000 images in the batch format to scans.parquet" in transcript
+    assert (clone / "predictions").is_dir() and (clone / "predictions-spark").is_dir()
     assert (clone / "params.yaml").read_text() == (REPO_ROOT / "params.yaml").read_text()
