@@ -34,6 +34,7 @@ from mnist_mlops.processes import cannot_listen, stop_all, stop_with_parent, wai
 HOST = "127.0.0.1"
 USERNAME = "monitoring"
 PASSWORD_FILE_ENV = "MNIST_MONITORING_PASSWORD_FILE"
+PASSWORD_FILE = Path("monitoring.password")
 # Debian names Alertmanager's binary prometheus-alertmanager.
 ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")
 
@@ -54,11 +55,11 @@ class MonitoringSettings:
     rules: Path = MONITORING_CONFIG_DIR / "rules.yml"
     prometheus_config: Path = MONITORING_CONFIG_DIR / "prometheus.yml"
     alertmanager_config: Path = MONITORING_CONFIG_DIR / "alertmanager.yml"
-    password_file: Path = Path("monitoring.password")
+    password_file: Path = PASSWORD_FILE
 
 
 def password_file() -> Path:
-    return Path(os.environ.get(PASSWORD_FILE_ENV) or "monitoring.password")
+    return Path(os.environ.get(PASSWORD_FILE_ENV) or PASSWORD_FILE)
 
 
 def login(path: Path) -> str:
