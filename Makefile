@@ -133,17 +133,17 @@ monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9
 	mnist-mlops monitoring --targets $(TARGETS)
 
 benchmark: install install-spark install-jax install-object-store ## Benchmark the pipeline, the server, a swap, replicas, batch scoring, the serving environment's size, tune, monitoring, data-parallel training, the object store, a tracking outage
-	python benchmarks/pipeline.py
-	python benchmarks/serving.py
-	python benchmarks/swap.py
-	python benchmarks/replicas.py
-	python benchmarks/scoring.py
-	python benchmarks/environment.py
-	python benchmarks/tune.py
-	python benchmarks/monitoring.py
-	python benchmarks/distributed.py
-	python benchmarks/object_store.py
-	python benchmarks/outage.py
+	python -m benchmarks.pipeline
+	python -m benchmarks.serving
+	python -m benchmarks.swap
+	python -m benchmarks.replicas
+	python -m benchmarks.scoring
+	python -m benchmarks.environment
+	python -m benchmarks.tune
+	python -m benchmarks.monitoring
+	python -m benchmarks.distributed
+	python -m benchmarks.object_store
+	python -m benchmarks.outage
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)
 	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -7,7 +7,7 @@ the container ended. The images must be built first (the README's Docker
 section; on machines without Docker, `eval "$(.ci/containers)"` prepares
 buildah and podman).
 
-    python benchmarks/containers.py [--project DIR] [--repeat 5]
+    python -m benchmarks.containers [--project DIR] [--repeat 5]
 """
 
 import argparse
@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from serving import PROJECT, free_port
+from benchmarks.common import PROJECT, free_port
 
 SERVE_IMAGE, PIPELINE_IMAGE = "mnist-mlops-serve", "mnist-mlops"
 

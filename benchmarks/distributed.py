@@ -13,7 +13,7 @@ from the change of backend:
 On one machine both processes share its cores: the number shows what the
 collectives cost, not what a second machine would gain.
 
-    python benchmarks/distributed.py [--epochs 5]
+    python -m benchmarks.distributed [--epochs 5]
 """
 
 import argparse
@@ -23,34 +23,20 @@ import re
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]
+from benchmarks.common import PROCESSED, PROJECT, free_port, needs_processed_data, timed
+
 EPOCH_LINE = re.compile(r"epoch (\d+)/\d+: .*\((\d+\.\d+) s\)")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def command(folder: Path, *arguments: str) -> tuple[str, float]:
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, *arguments], cwd=folder, capture_output=True, text=True, check=False
-    )
-    if result.returncode:
-        sys.exit(f"{' '.join(arguments)} failed:\n{result.stderr[-3000:]}")
-    return result.stdout, time.perf_counter() - started
+    seconds, output = timed([sys.executable, *arguments], folder)
+    return output, seconds
 
 
 def last_run(folder: Path) -> dict[str, float]:
@@ -72,9 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
     arguments = parser.parse_args()
-    processed = PROJECT / "data" / "processed"
-    if not (processed / "train.npz").exists():
-        sys.exit("data/processed is missing: run `make repro` first")
+    needs_processed_data()
+    processed = PROCESSED
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["train"]["epochs"] = arguments.epochs
     params["train"]["distributed"]["coordinator"] = f"127.0.0.1:{free_port()}"

@@ -7,9 +7,9 @@ drops test suites and unused bytecode, which this does not), checks that it cann
 TensorFlow, and compares its installed size with the project's .venv (made
 by `make install` from requirements-lock.txt).
 
-    python benchmarks/environment.py [--keep DIR]
+    python -m benchmarks.environment [--keep DIR]
 
-With --keep, the environment stays for `benchmarks/serving.py --serve-env DIR`.
+With --keep, the environment stays for `python -m benchmarks.serving --serve-env DIR`.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+from benchmarks.common import PROJECT
 
 
 def size_bytes(directory: Path) -> int:

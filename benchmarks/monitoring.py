@@ -12,63 +12,76 @@ In one run, on 127.0.0.1:
   3. Prometheus and Alertmanager under `mnist-mlops monitoring`: seconds to
      ready, and their memory.
 
-    python benchmarks/monitoring.py [--model-uri models:/mnist-classifier/N]
+    python -m benchmarks.monitoring [--model-uri models:/mnist-classifier/N]
 
 The model must carry a reference profile (registered by this code's evaluate
 stage): run `make repro` first.
 """
 
 import argparse
+import base64
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 import psutil
-from serving import PROJECT, client, free_port, measure, start
+
+from benchmarks.common import (
+    PROJECT,
+    alternating,
+    client,
+    free_port,
+    measure,
+    mnist_mlops,
+    ratio_line,
+    start_server,
+    stop,
+    test_images,
+    wait_until,
+)
 
 ROUNDS = 40
 
 
 def request_price(model_uri: str, requests: int, log_dir: Path) -> None:
     body = json.dumps({"inputs": [[[0.0] * 28] * 28]}).encode()
-    base = [sys.executable, "-m", "mnist_mlops", "serve", "--model-uri", model_uri]
+    base = mnist_mlops("serve", "--model-uri", model_uri)
     commands = {
         "observed": [*base, "--log-dir", str(log_dir)],
         "bare": [*base, "--no-metrics", "--no-log"],
     }
-    servers = {name: start(command, None, body) for name, command in commands.items()}
+    servers = {name: start_server(command, None, body) for name, command in commands.items()}
     try:
         ports = {name: port for name, (_process, port, _seconds) in servers.items()}
-        paired: dict[str, list[float]] = {name: [] for name in ports}
         for port in ports.values():
             client(port, body, 50, [])
-        for index in range(ROUNDS):
-            order = list(ports.items()) if index % 2 == 0 else list(reversed(ports.items()))
-            for name, port in order:
-                client(port, body, requests // ROUNDS, paired[name])
-        throughput: dict[str, list[float]] = {name: [] for name in ports}
-        for _turn in range(3):
-            for name, port in ports.items():
-                throughput[name].append(measure(port, body, requests, 8)["rps"])
+
+        def round_of(name: str) -> list[float]:
+            latencies: list[float] = []
+            client(ports[name], body, requests // ROUNDS, latencies)
+            return latencies
+
+        paired = alternating(ROUNDS, list(ports), round_of)
+        throughput = alternating(
+            3, list(ports), lambda name: measure(ports[name], body, requests, 8)["rps"]
+        )
     finally:
         for process, _port, _seconds in servers.values():
-            process.terminate()
-            process.wait(timeout=30)
-    p50 = {name: statistics.median(values) * 1000 for name, values in paired.items()}
-    rps = {name: statistics.median(values) for name, values in throughput.items()}
+            stop(process)
     print(f"1. {requests} single-image requests each, side by side in {ROUNDS} rounds")
     for name in ports:
-        print(f"   {name:9} p50 {p50[name]:.3f} ms, 8 clients {rps[name]:.0f} req/s")
-    print(
-        f"   observed / bare: p50 {p50['observed'] / p50['bare']:.3f} (target <= 1.05), "
-        f"throughput {rps['observed'] / rps['bare']:.3f} (target >= 0.95)"
-    )
+        print(
+            f"   {name:9} p50 {statistics.median(paired[name]) * 1000:.3f} ms, "
+            f"8 clients {statistics.median(throughput[name]):.0f} req/s"
+        )
+    print(f"   p50, {ratio_line(paired, 'observed', 'bare', '<= 1.05')}")
+    print(f"   req/s, {ratio_line(throughput, 'observed', 'bare', '>= 0.95')}")
 
 
 def monitor_speed(model_uri: str, rows: int, scratch: Path) -> None:
@@ -84,8 +97,7 @@ def monitor_speed(model_uri: str, rows: int, scratch: Path) -> None:
 
     mlflow.set_tracking_uri(tracking_uri())
     version = registered_version(model_uri)
-    with np.load(PROJECT / "data" / "processed" / "test.npz") as test:
-        images = test["images"].astype(np.float32)
+    images = test_images()[0].astype(np.float32)
     probabilities = predict_probabilities(
         inference_session(PROJECT / "models" / "model.onnx"), images
     )
@@ -107,10 +119,10 @@ def monitor_speed(model_uri: str, rows: int, scratch: Path) -> None:
         logged["features"], logged["digit"], logged["probabilities"].max(axis=1), reference
     )
     statistics_seconds = time.perf_counter() - began
-    command = [
-        *(sys.executable, "-m", "mnist_mlops", "monitor", "--model-uri", model_uri),
+    command = mnist_mlops(
+        *("monitor", "--model-uri", model_uri),
         *("--log-dir", str(log_dir), "--reports-dir", str(scratch / "reports")),
-    ]
+    )
     began = time.perf_counter()
     finished = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
     command_seconds = time.perf_counter() - began
@@ -121,37 +133,46 @@ def monitor_speed(model_uri: str, rows: int, scratch: Path) -> None:
     )
 
 
-def servers_speed(scratch: Path) -> None:
+def ready_request(port: int) -> urllib.request.Request:
+    """`/-/ready` with the servers' login (the password file the command made)."""
+    from mnist_mlops.monitoring.alerting import PASSWORD_FILE, USERNAME, login
+
+    token = base64.b64encode(f"{USERNAME}:{login(PROJECT / PASSWORD_FILE)}".encode()).decode()
+    return urllib.request.Request(
+        f"http://127.0.0.1:{port}/-/ready", headers={"Authorization": f"Basic {token}"}
+    )
+
+
+def servers_speed() -> None:
     ports = {"prometheus": free_port(), "alertmanager": free_port()}
     began = time.perf_counter()
     process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mnist_mlops", "monitoring"),
+        mnist_mlops(
+            "monitoring",
             *("--prometheus-port", str(ports["prometheus"])),
             *("--alertmanager-port", str(ports["alertmanager"])),
-        ],
+        ),
         cwd=PROJECT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     ready = {}
     try:
-        while len(ready) < 2 and time.perf_counter() - began < 60:
+
+        def both_ready() -> bool:
             for name, port in ports.items():
-                if name in ready:
-                    continue
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1).close()
-                    ready[name] = time.perf_counter() - began
-                except OSError:
-                    pass
-            time.sleep(0.02)
+                if name not in ready:
+                    with suppress(OSError):
+                        urllib.request.urlopen(ready_request(port), timeout=2).close()
+                        ready[name] = time.perf_counter() - began
+            return len(ready) == len(ports)
+
+        wait_until(both_ready, process, "mnist-mlops monitoring", seconds=60)
         time.sleep(2)
         children = psutil.Process(process.pid).children()
         memory = {child.name(): child.memory_info().rss / 2**20 for child in children}
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
     print("3. mnist-monitoring's servers, from the command's start")
     for name, seconds in ready.items():
         print(f"   {name} ready after {seconds:.2f} s")
@@ -168,7 +189,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         request_price(arguments.model_uri, arguments.requests, Path(scratch) / "served-log")
         monitor_speed(arguments.model_uri, arguments.rows, Path(scratch))
-        servers_speed(Path(scratch))
+        servers_speed()
 
 
 if __name__ == "__main__":

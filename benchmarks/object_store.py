@@ -10,38 +10,23 @@ In a temporary folder, on 127.0.0.1, it measures
       back by a client, once with a local-disk destination and once with
       s3://mlflow/…, medians over --repeat rounds, and their ratio.
 
-    python benchmarks/object_store.py [--repeat 5]
+    python -m benchmarks.object_store [--repeat 5]
 """
 
 import argparse
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+import psutil
+
+from benchmarks.common import free_port, mlflow_server, mnist_mlops, project_env, resident_mib, stop
 from mnist_mlops.team.object_store import keys_for, s3_client
-
-
-def free_port(count: int = 1) -> int:
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count >= 65536:
-            continue
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
 
 
 def start_store(folder: Path, port: int) -> tuple[subprocess.Popen, float]:
@@ -50,16 +35,7 @@ def start_store(folder: Path, port: int) -> tuple[subprocess.Popen, float]:
     client = s3_client(f"http://127.0.0.1:{port}", keys_for(secret, "alice"))
     started = time.perf_counter()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mnist_mlops",
-            "object-store",
-            "--port",
-            str(port),
-            "--users",
-            "alice",
-        ],
+        mnist_mlops("object-store", "--port", str(port), "--users", "alice"),
         cwd=folder,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -75,18 +51,8 @@ def start_store(folder: Path, port: int) -> tuple[subprocess.Popen, float]:
 
 
 def resident_megabytes(store: subprocess.Popen) -> float:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if int(stat.rsplit(")", 1)[1].split()[1]) == store.pid:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    process.wait(timeout=60)
+    """Resident memory of the store's server (weed), the command's child."""
+    return sum(resident_mib(child.pid, False) for child in psutil.Process(store.pid).children())
 
 
 def round_trip(url: str, files: Path, repeat: int) -> float:
@@ -107,27 +73,6 @@ def round_trip(url: str, files: Path, repeat: int) -> float:
             )
             seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
-
-
-def tracking_server(folder: Path, destination: str, env: dict) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [
-        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
-        *("--backend-store-uri", f"sqlite:///{folder / f'{port}.db'}"),
-        *("--artifacts-destination", destination, "--serve-artifacts", "--workers", "1"),
-    ]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2).close()
-            return process, url
-        except OSError:
-            time.sleep(0.2)
-    sys.exit(f"mlflow server for {destination} did not start")
 
 
 def main() -> None:
@@ -157,20 +102,18 @@ def main() -> None:
         (files / "model.bin").write_bytes(os.urandom(20 * 1024 * 1024))
         for index in range(20):
             (files / f"small-{index}.json").write_text(f'{{"value": {index}}}')
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-        local, local_url = tracking_server(folder, str(folder / "local-artifacts"), env)
-        s3_env = {
-            **env,
-            **keys_for(secret, "tracking").environment(),
-            "MLFLOW_S3_ENDPOINT_URL": endpoint,
-        }
-        on_s3, s3_url = tracking_server(folder, "s3://mlflow/bench", s3_env)
+        env = project_env()
+        s3_env = project_env(
+            **keys_for(secret, "tracking").environment(), MLFLOW_S3_ENDPOINT_URL=endpoint
+        )
         try:
-            local_seconds = round_trip(local_url, files, arguments.repeat)
-            s3_seconds = round_trip(s3_url, files, arguments.repeat)
+            with (
+                mlflow_server(folder / "local", env, str(folder / "local-artifacts")) as local,
+                mlflow_server(folder / "s3", s3_env, "s3://mlflow/bench") as on_s3,
+            ):
+                local_seconds = round_trip(local, files, arguments.repeat)
+                s3_seconds = round_trip(on_s3, files, arguments.repeat)
         finally:
-            for process in (local, on_s3):
-                stop(process)
             stop(store)
     print(f"object store start to first PUT:   {first_start:.2f} s")
     print(f"object store restart to first PUT: {restart:.2f} s")

@@ -10,59 +10,33 @@ more while the server is stopped for `--outage` seconds mid-fit and started
 again on the same port, and prints the extra wall time against an
 uninterrupted run of the same length.
 
-    python benchmarks/outage.py [--repeat 3] [--outage 30] [--long-epochs 30]
+    python -m benchmarks.outage [--repeat 3] [--outage 30] [--long-epochs 30]
 """
 
 import argparse
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 from mlflow import MlflowClient
 
-PROJECT = Path(__file__).resolve().parents[1]
+from benchmarks.common import (
+    PROJECT,
+    alternating,
+    free_port,
+    mlflow_server,
+    mnist_mlops,
+    needs_processed_data,
+    project_env,
+    ratio_line,
+    spread,
+)
+
 # The last commit whose train stage logged synchronously.
 BASELINE = "f7ac509"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(store: Path, port: int):
-    command = [
-        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)),
-        *("--backend-store-uri", f"sqlite:///{store / 'server.db'}"),
-        *("--artifacts-destination", str(store / "artifacts"), "--workers", "1"),
-    ]
-    with open(store / "server.log", "a") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    sys.exit(f"mlflow server did not start; see {store / 'server.log'}")
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def scratch_project(folder: Path, epochs: int, code: Path | None) -> Path:
@@ -79,11 +53,11 @@ def scratch_project(folder: Path, epochs: int, code: Path | None) -> Path:
 
 
 def train(folder: Path, url: str, code: Path | None) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = project_env(MLFLOW_TRACKING_URI=url)
     if code is not None:
         env["PYTHONPATH"] = str(code / "src")
     return subprocess.Popen(
-        [sys.executable, "-m", "mnist_mlops", "train"],
+        mnist_mlops("train"),
         cwd=folder,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -109,29 +83,26 @@ def latest(url: str) -> tuple[str, dict[str, float]]:
     return run.info.run_id, run.data.metrics
 
 
-def spread(values: list[float]) -> str:
-    return f"median {statistics.median(values):.2f} s, range {min(values):.2f}–{max(values):.2f}"
-
-
 def compare(scratch: Path, url: str, baseline: Path, repeat: int) -> None:
     folders = {
         "this checkout": (scratch_project(scratch / "new", 5, None), None),
-        f"baseline {BASELINE}": (scratch_project(scratch / "old", 5, baseline), baseline),
+        "baseline": (scratch_project(scratch / "old", 5, baseline), baseline),
     }
-    fits: dict[str, list[float]] = {name: [] for name in folders}
-    for _ in range(repeat):
-        for name, (folder, code) in folders.items():
-            finished(train(folder, url, code), time.perf_counter())
-            fits[name].append(latest(url)[1]["fit_seconds"])
-    new, old = fits.values()
+
+    def fit(name: str) -> float:
+        folder, code = folders[name]
+        finished(train(folder, url, code), time.perf_counter())
+        return latest(url)[1]["fit_seconds"]
+
+    fits = alternating(repeat, list(folders), fit)
     for name, values in fits.items():
-        print(f"fit, 5 epochs, {name:>20}: {spread(values)} ({values})")
-    print(f"ratio this checkout / baseline: {statistics.median(new) / statistics.median(old):.3f}")
+        print(f"fit, 5 epochs, {name:>14}: {spread(values)} ({values})")
+    print(ratio_line(fits, "this checkout", "baseline", f"1.0; baseline {BASELINE}"))
 
 
 def outage(scratch: Path, store: Path, port: int, seconds: float, epochs: int) -> None:
     folder = scratch_project(scratch / "long", epochs, None)
-    with mlflow_server(store, port) as url:
+    with mlflow_server(store, port=port) as url:
         started = time.perf_counter()
         uninterrupted = finished(train(folder, url, None), started)
         first_run = latest(url)[0]
@@ -143,7 +114,7 @@ def outage(scratch: Path, store: Path, port: int, seconds: float, epochs: int) -
             run_id = latest(url)[0]
             time.sleep(0.5)
     time.sleep(seconds)
-    with mlflow_server(store, port) as url:
+    with mlflow_server(store, port=port) as url:
         interrupted = finished(training, started)
         steps = [entry.step for entry in MlflowClient(url).get_metric_history(run_id, "loss")]
         status = MlflowClient(url).get_run(run_id).info.status
@@ -161,8 +132,7 @@ def main() -> None:
     parser.add_argument("--outage", type=float, default=30)
     parser.add_argument("--long-epochs", type=int, default=30)
     arguments = parser.parse_args()
-    if not (PROJECT / "data" / "processed" / "manifest.json").exists():
-        sys.exit("no data/processed: run `make repro` first")
+    needs_processed_data()
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         baseline = scratch / "baseline"
@@ -176,7 +146,7 @@ def main() -> None:
         store = scratch / "store"
         store.mkdir()
         if arguments.repeat:
-            with mlflow_server(store, free_port()) as url:
+            with mlflow_server(store) as url:
                 compare(scratch, url, baseline, arguments.repeat)
         # A port of its own: the first server's workers may still be leaving.
         outage(scratch, store, free_port(), arguments.outage, arguments.long_epochs)

@@ -9,7 +9,7 @@ On this machine, in one run, it times
       model and never loads TensorFlow),
 and compares the train stage's `fit` with the seed's `fit`.
 
-    python benchmarks/pipeline.py [--mirror DIR] [--repeat N]
+    python -m benchmarks.pipeline [--mirror DIR] [--repeat N]
 
 The mirror defaults to $MNIST_MIRROR, else ../shared/data/mnist. Timings are
 medians over --repeat runs.
@@ -24,19 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, str]:
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
-    return elapsed, result.stdout
+from benchmarks.common import PROJECT, project_env, timed
 
 
 def fresh_clone(destination: Path, env: dict) -> Path:
@@ -76,14 +66,10 @@ def main() -> None:
     arguments = parser.parse_args()
     mirror = str(Path(arguments.mirror).resolve())
 
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        MNIST_MIRROR=mirror,
-        TF_CPP_MIN_LOG_LEVEL="2",
-        DVC_NO_ANALYTICS="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-    )
+    env = project_env(MNIST_MIRROR=mirror)
+    for name in [name for name in env if name.startswith("MLFLOW_")]:
+        del env[name]
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     samples: dict[str, list[float]] = {
         name: [] for name in ("seed", "seed_fit", "cold", "noop", "evaluate")
     }

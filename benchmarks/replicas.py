@@ -8,53 +8,36 @@ connections, for --seconds: requests per second and p99, with 1 and with 2
 replicas. Then, with 2, one replica is SIGKILLed after a third of the time:
 failed requests and the slowest answer after the kill.
 
-    python benchmarks/replicas.py [--clients 8] [--seconds 15]
+    python -m benchmarks.replicas [--clients 8] [--seconds 15]
 """
 
 import argparse
 import http.client
-import json
 import os
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-def free_ports(count: int) -> int:
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
+from benchmarks.common import (
+    PROJECT,
+    free_port,
+    mnist_mlops,
+    one_image_body,
+    pid_serving,
+    stop,
+    wait_until,
+)
 
 
-def replica_pid(port: int) -> int:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                arguments = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"serve" in arguments and str(port).encode() in arguments:
-                return int(entry.name)
-    raise SystemExit(f"no replica on port {port}")
+def ping(port: int, context) -> bool:
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+    connection.request("GET", "/ping")
+    return connection.getresponse().status == 200
 
 
 def load(port: int, context, body: bytes, clients: int, seconds: float, kill=None):
@@ -107,58 +90,47 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=15)
     arguments = parser.parse_args()
-    with np.load(PROJECT / "data" / "processed" / "test.npz") as test:
-        body = json.dumps({"inputs": test["images"][:1].tolist()}).encode()
+    body = one_image_body()
     with tempfile.TemporaryDirectory(prefix="mnist-replicas-") as temporary:
         folder = Path(temporary)
-        command = [sys.executable, "-m", "mnist_mlops"]
-        subprocess.run([*command, "certs", "--directory", str(folder / "certs")], check=True)
+        subprocess.run(mnist_mlops("certs", "--directory", str(folder / "certs")), check=True)
         context = ssl.create_default_context(cafile=str(folder / "certs" / "ca.crt"))
         env = {**os.environ, "MNIST_INFERENCE_LOG_DIR": str(folder / "log")}
         results = {}
         for replicas in (1, 2, "failover"):
             count = 2 if replicas == "failover" else replicas
-            first, port = free_ports(count), free_ports(1)
+            first, port = free_port(count), free_port()
             proxy = subprocess.Popen(
-                [
-                    *(*command, "proxy", "model", "--replicas", str(count)),
+                mnist_mlops(
+                    *("proxy", "model", "--replicas", str(count)),
                     *("--replica-port", str(first), "--model-port", str(port)),
                     *("--rate", "1000000", "--burst", "1000000"),
                     *("--certificate", str(folder / "certs" / "server.crt")),
                     *("--key", str(folder / "certs" / "server.key")),
-                ],
+                ),
                 cwd=PROJECT,
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
             try:
-                deadline = time.monotonic() + 180
-                while True:
-                    try:
-                        connection = http.client.HTTPSConnection(
-                            "127.0.0.1", port, context=context, timeout=5
-                        )
-                        connection.request("GET", "/ping")
-                        if connection.getresponse().status == 200:
-                            break
-                    except (OSError, http.client.HTTPException):
-                        pass
-                    if time.monotonic() > deadline or proxy.poll() is not None:
-                        raise SystemExit("the proxy and its replicas did not start")
-                    time.sleep(0.5)
+                wait_until(
+                    lambda port=port: ping(port, context),
+                    proxy,
+                    "the proxy and its replicas",
+                    seconds=180,
+                )
                 kill = None
                 if replicas == "failover":
 
                     def kill(first=first) -> None:
-                        os.kill(replica_pid(first), signal.SIGKILL)
+                        os.kill(pid_serving(first), signal.SIGKILL)
 
                 results[replicas] = load(
                     port, context, body, arguments.clients, arguments.seconds, kill
                 )
             finally:
-                proxy.terminate()
-                proxy.wait(timeout=60)
+                stop(proxy)
     for replicas in (1, 2):
         latencies, failures, _after = results[replicas]
         p99 = statistics.quantiles(latencies, n=100)[98] * 1000

@@ -10,7 +10,7 @@ model shipped). Checks that the three outputs hold the same digits and
 probabilities. Needs `make repro` (the champion, data/processed) and
 `make install-spark`.
 
-    python benchmarks/scoring.py [--images 200000] [--repeat 3]
+    python -m benchmarks.scoring [--images 200000] [--repeat 3]
 
 Each engine runs `--repeat` times; the run of median throughput is shown.
 """
@@ -18,11 +18,8 @@ Each engine runs `--repeat` times; the run of median throughput is shown.
 import argparse
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +27,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-PROJECT = Path(__file__).resolve().parents[1]
+from benchmarks.common import PROCESSED, PROJECT, free_port, mnist_mlops, stop, timed, wait_until
+
 LINE = re.compile(r"scored (\d+) images, rejected (\d+), ([\d,]+) images/s \((.+?); ([\d.]+) s")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def batch_input(path: Path, count: int) -> None:
-    processed = PROJECT / "data" / "processed"
-    with np.load(processed / "train.npz") as train, np.load(processed / "test.npz") as test:
+    with np.load(PROCESSED / "train.npz") as train, np.load(PROCESSED / "test.npz") as test:
         images = np.concatenate([train["images"], test["images"]])
     chosen = images[np.arange(count) % len(images)].reshape(count, -1)
     table = pa.table(
@@ -55,18 +46,14 @@ def batch_input(path: Path, count: int) -> None:
 
 
 def score(source: Path, output: Path, *options: str) -> dict:
-    command = [sys.executable, "-m", "mnist_mlops", "score", str(source), str(output), *options]
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise SystemExit(result.stderr)
-    match = LINE.search(result.stdout)
+    wall, output = timed(mnist_mlops("score", str(source), str(output), *options), PROJECT)
+    match = LINE.search(output)
     return {
         "engine": match[4],
         "images": int(match[1]),
         "rate": float(match[3].replace(",", "")),
         "startup": float(match[5]),
-        "wall": time.perf_counter() - started,
+        "wall": wall,
     }
 
 
@@ -101,31 +88,29 @@ def main() -> None:
         folder = Path(scratch)
         source = folder / "images.parquet"
         batch_input(source, arguments.images)
-        results = [score(source, folder / "local")]
-        results.append(score(source, folder / "spark", "--engine", "spark", "--master", "local[2]"))
+        results = [median(source, folder / "local")]
+        results.append(
+            median(source, folder / "spark", "--engine", "spark", "--master", "local[2]")
+        )
         port, ui, worker_ui = free_port(), free_port(), free_port()
         log = folder / "cluster.log"
         with open(log, "w") as output:
             cluster = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "mnist_mlops", "spark-cluster", "--port", str(port)),
+                mnist_mlops(
+                    *("spark-cluster", "--port", str(port)),
                     *("--ui-port", str(ui), "--worker-ui-port", str(worker_ui)),
-                ],
+                ),
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
         try:
-            while "with one worker" not in log.read_text():
-                if cluster.poll() is not None:
-                    raise SystemExit(log.read_text())
-                time.sleep(0.5)
+            wait_until(lambda: "with one worker" in log.read_text(), cluster, "spark-cluster")
             master = f"spark://127.0.0.1:{port}"
             results.append(
                 median(source, folder / "standalone", "--engine", "spark", "--master", master)
             )
         finally:
-            cluster.terminate()
-            cluster.wait(timeout=60)
+            stop(cluster)
         differences = [
             outputs_agree(folder / "local", folder / name) for name in ("spark", "standalone")
         ]

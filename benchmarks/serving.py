@@ -14,36 +14,38 @@ For each it measures the time from starting the command to its first answer
 to a one-image request, the memory of its processes (RSS, all of them), then
 single-image latency from one client in sequence and from a few at once.
 
-    python benchmarks/serving.py [--requests N] [--clients C] [--serve-env DIR]
-    python benchmarks/serving.py --proxy    # only: the champion direct and behind nginx
+    python -m benchmarks.serving [--requests N] [--clients C] [--serve-env DIR]
+    python -m benchmarks.serving --proxy    # only: the champion direct and behind nginx
 
 --proxy compares the champion served directly with the same server behind
 `mnist-mlops proxy` (nginx, HTTPS), side by side (benchmarks/proxy_cost.py).
 
 --serve-env serves the champion from another environment, such as the one
-`benchmarks/environment.py --keep DIR` builds from requirements-serve.txt.
+`python -m benchmarks.environment --keep DIR` builds from requirements-serve.txt.
 It uses the project's tracking store (MLFLOW_TRACKING_URI, else mlflow.db at
 the project root), so run `make repro` first.
 """
 
 import argparse
-import http.client
-import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import numpy as np
-import psutil
-
-PROJECT = Path(__file__).resolve().parents[1]
-CHAMPION = "models:/mnist-classifier@champion"
+from benchmarks.common import (
+    CHAMPION,
+    PROJECT,
+    alternating,
+    client,
+    measure,
+    one_image_body,
+    project_env,
+    resident_mib,
+    start_server,
+    stop,
+)
+from benchmarks.proxy_cost import compare
 
 CONSTANT_MODEL = """
 import mlflow
@@ -59,98 +61,7 @@ class Constant(PythonModel):
 
 mlflow.models.set_model(Constant())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def post(port: int, body: bytes, timeout: float = 30) -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request(
-            "POST", "/invocations", body=body, headers={"Content-Type": "application/json"}
-        )
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    finally:
-        connection.close()
-
-
-def start(command: list[str], env: dict, body: bytes) -> tuple[subprocess.Popen, int, float]:
-    """Start a server; return it, its port and the seconds until it first answered `body`."""
-    port = free_port()
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [*command, "--port" if command[0] != "mlflow" else "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = started + 180
-    while time.perf_counter() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"{' '.join(command)} exited with {process.returncode}")
-        try:
-            if post(port, body, timeout=5) == 200:
-                return process, port, time.perf_counter() - started
-        except OSError:
-            pass
-        time.sleep(0.02)
-    process.kill()
-    sys.exit(f"{' '.join(command)} did not answer")
-
-
-def memory_mib(process: subprocess.Popen) -> float:
-    """Resident memory of the server and every process it started."""
-    parent = psutil.Process(process.pid)
-    members = [parent, *parent.children(recursive=True)]
-    return sum(member.memory_info().rss for member in members) / 2**20
-
-
-def client(port: int, body: bytes, count: int, latencies: list[float], context=None) -> None:
-    """Send `count` requests on one keep-alive connection, recording each latency.
-
-    With an SSL `context` the connection is HTTPS (one handshake, then reused).
-    """
-    if context is None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    else:
-        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
-    headers = {"Content-Type": "application/json"}
-    for _ in range(count):
-        begun = time.perf_counter()
-        connection.request("POST", "/invocations", body=body, headers=headers)
-        response = connection.getresponse()
-        response.read()
-        if response.status != 200:
-            sys.exit(f"request failed with HTTP {response.status}")
-        latencies.append(time.perf_counter() - begun)
-    connection.close()
-
-
-def measure(port: int, body: bytes, requests: int, clients: int, context=None) -> dict:
-    client(port, body, 50, [], context)  # warm up
-    latencies: list[float] = []
-    threads = [
-        threading.Thread(target=client, args=(port, body, requests // clients, latencies, context))
-        for _ in range(clients)
-    ]
-    begun = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - begun
-    milliseconds = sorted(latency * 1000 for latency in latencies)
-    return {
-        "p50_ms": statistics.median(milliseconds),
-        "p99_ms": milliseconds[min(len(milliseconds) - 1, int(0.99 * len(milliseconds)))],
-        "rps": len(latencies) / elapsed,
-    }
+ROUNDS = 40
 
 
 def floor_model(directory: Path) -> str:
@@ -175,13 +86,8 @@ def main() -> None:
     parser.add_argument("--proxy", action="store_true", help="only the proxy's cost")
     arguments = parser.parse_args()
 
-    env = dict(os.environ)
+    env = project_env()
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{PROJECT / 'mlflow.db'}")
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        MLFLOW_DISABLE_TELEMETRY="true",
-    )
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     from mlflow import MlflowClient
 
@@ -189,17 +95,13 @@ def main() -> None:
     stock = f"runs:/{version.tags['run_id']}/model"
     runtime = version.tags.get("serving.runtime", "keras")
 
-    with np.load(PROJECT / "data" / "processed" / "test.npz", allow_pickle=False) as arrays:
-        image = arrays["images"][:1]
-    body = json.dumps({"inputs": image.tolist()}).encode()
+    body = one_image_body()
 
     ours = [str(Path(sys.executable).parent / "mnist-mlops"), "serve"]
     if arguments.serve_env:
         ours = [str(arguments.serve_env.resolve() / "bin" / "mnist-mlops"), "serve"]
     mlflow_serve = [*("mlflow", "models", "serve", "--env-manager", "local", "-h", "127.0.0.1")]
     if arguments.proxy:
-        from proxy_cost import compare
-
         compare([*ours, "--model-uri", CHAMPION], env, body, arguments.requests, arguments.clients)
         return
 
@@ -216,44 +118,43 @@ def main() -> None:
         for name, command in servers.items():
             start_times = []
             for attempt in range(arguments.starts):
-                process, port, start_seconds = start(command, env, body)
+                process, port, start_seconds = start_server(command, env, body)
                 start_times.append(start_seconds)
                 if attempt < arguments.starts - 1:
-                    process.terminate()
-                    process.wait(timeout=30)
+                    stop(process)
             # The stock flavor answers ~20 requests a second: a quarter of the count will do.
             requests = arguments.requests // (4 if name == "stock Keras flavor" else 1)
             try:
                 row = {"start_s": statistics.median(start_times)}
                 row["sequential"] = measure(port, body, requests, 1)
                 row["concurrent"] = measure(port, body, requests, arguments.clients)
-                row["memory_mib"] = memory_mib(process)
+                row["memory_mib"] = resident_mib(process.pid)
                 results[name] = row
             finally:
-                process.terminate()
-                process.wait(timeout=30)
+                stop(process)
 
-        # The floor and the champion once more, side by side: rounds of
-        # sequential requests in turn, so that the machine's drift hits both.
-        floor_command = servers["floor (constant pyfunc)"]
-        champion_command = servers[f"champion ({runtime})"]
-        paired: dict[str, list[float]] = {"floor": [], "champion": []}
-        floor_process, floor_port, _ = start(floor_command, env, body)
-        champion_process, champion_port, _ = start(champion_command, env, body)
+        # The floor and the champion once more, side by side: many short rounds
+        # of sequential requests in turn (alternating), so that neither server
+        # keeps the machine's better or worse moments.
+        commands = {
+            "floor": servers["floor (constant pyfunc)"],
+            "champion": servers[f"champion ({runtime})"],
+        }
+        started = {name: start_server(command, env, body) for name, command in commands.items()}
         try:
-            for port in (floor_port, champion_port):
+            ports = {name: port for name, (_process, port, _seconds) in started.items()}
+            for port in ports.values():
                 client(port, body, 50, [])
-            # Many short rounds, each in the other order from the last, so that
-            # neither server keeps the machine's better or worse moments.
-            rounds = 40
-            for index in range(rounds):
-                pair = [(floor_port, "floor"), (champion_port, "champion")]
-                for port, name in pair if index % 2 == 0 else reversed(pair):
-                    client(port, body, arguments.requests // rounds, paired[name])
+
+            def round_of(name: str) -> list[float]:
+                latencies: list[float] = []
+                client(ports[name], body, arguments.requests // ROUNDS, latencies)
+                return latencies
+
+            paired = alternating(ROUNDS, list(ports), round_of)
         finally:
-            for process in (floor_process, champion_process):
-                process.terminate()
-                process.wait(timeout=30)
+            for process, _port, _seconds in started.values():
+                stop(process)
 
     print(
         f"champion v{version.version} ({runtime}); {arguments.requests} single-image requests "

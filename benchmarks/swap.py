@@ -9,7 +9,7 @@ latency; then the alias moves between v1 and v2 several times, and every
 request that was in flight from the move until the server answered with
 the new version (plus one second) counts as "during a swap".
 
-    python benchmarks/swap.py [--clients 8] [--swaps 5] [--seconds 10]
+    python -m benchmarks.swap [--clients 8] [--swaps 5] [--seconds 10]
 
 The project's own store and its champion are never touched.
 """
@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,7 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-PROJECT = Path(__file__).resolve().parents[1]
+from benchmarks.common import (
+    PROJECT,
+    free_port,
+    mnist_mlops,
+    percentile,
+    stop,
+    test_images,
+    wait_until,
+)
+
 MODEL = "mnist-classifier"
 
 
@@ -40,8 +48,7 @@ def register_twice(store: Path) -> None:
     from mnist_mlops.serving.follow import log_known_digits
 
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    with np.load(PROJECT / "data" / "processed" / "test.npz") as test:
-        images, labels = test["images"][:200], test["labels"][:200]
+    images, labels = test_images(200)
     onnx_file = PROJECT / "models" / "model.onnx"
     predicted = predict_probabilities(inference_session(onnx_file), images).argmax(axis=1)
     client = mlflow.MlflowClient()
@@ -79,10 +86,6 @@ class Clients:
             return self.records[-1][2] if self.records else ""
 
 
-def percentile(values: list[float], share: float) -> float:
-    return float(np.percentile(np.array(values), share * 100))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=8)
@@ -95,29 +98,24 @@ def main() -> None:
         import mlflow
 
         client = mlflow.MlflowClient()
-        port = 5000 + os.getpid() % 1000
+        port = free_port()
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
-        command = [
-            *(sys.executable, "-m", "mnist_mlops", "serve", "--port", str(port)),
+        command = mnist_mlops(
+            *("serve", "--port", str(port)),
             *("--follow-seconds", "0.5", "--log-dir", str(store / "log")),
-        ]
+        )
         server = subprocess.Popen(
             command, env=env, cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             body = json.dumps({"inputs": [np.zeros((28, 28), int).tolist()]}).encode()
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                    connection.request("GET", "/ping")
-                    if connection.getresponse().status == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not start")
-                time.sleep(0.2)
+
+            def ping() -> bool:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", "/ping")
+                return connection.getresponse().status == 200
+
+            wait_until(ping, server, "the server", seconds=60)
             clients = Clients(port, arguments.clients, body)
             for thread in clients.threads:
                 thread.start()
@@ -136,8 +134,7 @@ def main() -> None:
             for thread in clients.threads:
                 thread.join()
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop(server)
     records = clients.records
     during = [
         seconds
@@ -145,12 +142,12 @@ def main() -> None:
         if any(low <= started + seconds and started <= high for low, high in windows)
     ]
     failed = sum(status != 200 for *_rest, status in records)
-    p99 = percentile(quiet, 0.99)
+    p99 = percentile(quiet, 99)
     print(
         f"{len(records)} requests from {arguments.clients} clients, {failed} failed; "
-        f"without a swap p50 {percentile(quiet, 0.5) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
+        f"without a swap p50 {percentile(quiet, 50) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
         f"during {arguments.swaps} swaps ({len(during)} requests) p99 "
-        f"{percentile(during, 0.99) * 1000:.1f} ms, longest {max(during) * 1000:.1f} ms "
+        f"{percentile(during, 99) * 1000:.1f} ms, longest {max(during) * 1000:.1f} ms "
         f"= {max(during) / p99:.1f}× the p99 without a swap"
     )
 

@@ -5,21 +5,19 @@ Runs the train stage on the project's processed data (real MNIST after
 alternating sampling intervals (0 = off) so that the machine's drift hits
 each alike, and prints the median `fit_seconds` of each.
 
-    python benchmarks/system_metrics.py [--repeat 3] [--intervals 0 1 0.2]
+    python -m benchmarks.system_metrics [--repeat 3] [--intervals 0 1 0.2]
 """
 
 import argparse
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 from mlflow import MlflowClient
 
-PROJECT = Path(__file__).resolve().parents[1]
+from benchmarks.common import PROCESSED, PROJECT, mnist_mlops, needs_processed_data, project_env
 
 
 def fit_seconds(scratch: Path, interval: float) -> tuple[float, int]:
@@ -28,9 +26,9 @@ def fit_seconds(scratch: Path, interval: float) -> tuple[float, int]:
     params["mlflow"]["system_metrics_interval_seconds"] = interval
     (scratch / "params.yaml").write_text(yaml.safe_dump(params))
     store = f"sqlite:///{scratch / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = project_env(MLFLOW_TRACKING_URI=store)
     subprocess.run(
-        [sys.executable, "-m", "mnist_mlops", "train"],
+        mnist_mlops("train"),
         cwd=scratch,
         env=env,
         check=True,
@@ -53,13 +51,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--intervals", type=float, nargs="+", default=[0, 1, 0.2])
     arguments = parser.parse_args()
-    processed = PROJECT / "data" / "processed"
-    if not (processed / "manifest.json").exists():
-        sys.exit("no data/processed: run `make repro` first")
+    needs_processed_data()
     results: dict[float, list[tuple[float, int]]] = {value: [] for value in arguments.intervals}
     with tempfile.TemporaryDirectory() as scratch:
         (Path(scratch) / "data").mkdir()
-        (Path(scratch) / "data" / "processed").symlink_to(processed)
+        (Path(scratch) / "data" / "processed").symlink_to(PROCESSED)
         for _ in range(arguments.repeat):
             for interval in arguments.intervals:
                 results[interval].append(fit_seconds(Path(scratch), interval))

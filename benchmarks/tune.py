@@ -7,14 +7,13 @@
       seed) with pruning off, at an equal budget of finished trials: the
       epochs both spent, and their best val_accuracy.
 
-    python benchmarks/tune.py [--trials 20] [--throughput-trials 8]
+    python -m benchmarks.tune [--trials 20] [--throughput-trials 8]
 
 It needs data/processed as the pipeline made it (`make repro`); each study
 runs in a temporary copy of conf/ and data/processed with its own stores.
 """
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -24,17 +23,16 @@ from pathlib import Path
 
 import optuna
 
+from benchmarks.common import PROCESSED, PROJECT, mnist_mlops, needs_processed_data, project_env
 from mnist_mlops.tuning.studies import STORAGE_ENV
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 def study(workdir: Path, name: str, workers: int, *arguments: str) -> tuple[float, optuna.Study]:
     """Run `workers` tune processes on one study; return the wall time and the study."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = project_env()
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop(STORAGE_ENV, None)
-    command = [sys.executable, "-m", "mnist_mlops", "tune", "--study", name, *arguments]
+    command = mnist_mlops("tune", "--study", name, *arguments)
     started = time.perf_counter()
     processes = [
         subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, text=True)
@@ -68,14 +66,12 @@ def main() -> None:
         "--workers", type=int, default=1, help="workers of the pruning studies (1: repeatable)"
     )
     arguments = parser.parse_args()
-    processed = PROJECT / "data" / "processed"
-    if not (processed / "manifest.json").exists():
-        sys.exit("data/processed is missing: run `make repro` (with MNIST_MIRROR) first")
+    needs_processed_data()
 
     with tempfile.TemporaryDirectory(prefix="tune-benchmark-") as temporary:
         workdir = Path(temporary)
         shutil.copytree(PROJECT / "conf", workdir / "conf")
-        shutil.copytree(processed, workdir / "data" / "processed")
+        shutil.copytree(PROCESSED, workdir / "data" / "processed")
 
         # (a) Short trials (3 to 5 epochs), pruning off: only the workers differ.
         short = ["--pruner", "none", "search.train.epochs.low=3", "search.train.epochs.high=5"]

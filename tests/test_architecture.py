@@ -15,16 +15,19 @@ from mnist_mlops.__main__ import parser
 from .conftest import REPO_ROOT
 
 PACKAGE = Path(mnist_mlops.__file__).parent
+BENCHMARKS = REPO_ROOT / "benchmarks"
 MAX_MODULE_LINES = 300
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    root = PACKAGE.parent if path.is_relative_to(PACKAGE) else REPO_ROOT
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def project_imports(path: Path) -> set[str]:
-    """Every mnist_mlops module that `path` imports, at the top or inside a function."""
+    """Every module of the project's package, its benchmarks or its tests that `path`
+    imports, at the top or inside a function."""
     imported = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -33,13 +36,27 @@ def project_imports(path: Path) -> set[str]:
             imported.add(node.module)
             # `from mnist_mlops.tuning import search` imports the module search.
             imported.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {name for name in imported if name.split(".")[0] == "mnist_mlops"}
+    return {
+        name for name in imported if name.split(".")[0] in ("mnist_mlops", "benchmarks", "tests")
+    }
 
 
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+BENCHMARK_MODULES = {module_name(path): path for path in sorted(BENCHMARKS.glob("*.py"))}
 GRAPH = {
     name: {imported for imported in project_imports(path) if imported in MODULES} - {name}
     for name, path in MODULES.items()
+}
+# The package and the benchmarks together: a benchmark may import the package, never the
+# other way round.
+WHOLE_GRAPH = {
+    name: {
+        imported
+        for imported in project_imports(path)
+        if imported in MODULES or imported in BENCHMARK_MODULES
+    }
+    - {name}
+    for name, path in {**MODULES, **BENCHMARK_MODULES}.items()
 }
 
 
@@ -106,7 +123,27 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_no_import_cycle_anywhere():
-    assert find_cycle(GRAPH) == []
+    assert find_cycle(WHOLE_GRAPH) == []
+
+
+def test_benchmarks_share_one_module_and_reach_no_test():
+    assert "benchmarks.common" in BENCHMARK_MODULES
+    for name, path in BENCHMARK_MODULES.items():
+        imported = project_imports(path)
+        assert not {module for module in imported if module.split(".")[0] == "tests"}, (
+            f"{name} imports the tests"
+        )
+        others = {
+            module
+            for module in imported
+            if module in BENCHMARK_MODULES and module not in ("benchmarks", "benchmarks.common")
+        }
+        # One benchmark may call another's part (serving --proxy runs proxy_cost), one way.
+        assert all(name not in WHOLE_GRAPH[other] for other in others), name
+    for module, path in MODULES.items():
+        assert not {
+            name for name in project_imports(path) if name.split(".")[0] != "mnist_mlops"
+        }, f"{module} imports outside the package"
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -117,7 +154,7 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_module_passes_its_size():
     long = {
         module: lines
-        for module, path in MODULES.items()
+        for module, path in {**MODULES, **BENCHMARK_MODULES}.items()
         if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert not long, f"split by what they do: {long}"
