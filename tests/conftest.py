@@ -32,6 +32,8 @@ from omegaconf import OmegaConf
 from mnist_mlops.config import Config, validate
 from mnist_mlops.pipeline.fetch import IDX_FILES, NPZ_FILE
 
+from .scheduling import pytest_collection_modifyitems  # noqa: F401  (a hook: each module whole)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
 PROJECT_FILES = (

@@ -36,6 +36,9 @@ IMAGE_USER = 1000
 # The host user who owns the project: anyone but the images' user.
 HOST_UID = 1234 if os.geteuid() == 0 else os.geteuid()
 CONTAINER_OPTIONS = ("--network", "host", "--user", f"{HOST_UID}:{HOST_UID}")
+# podman stop's grace before SIGKILL: the server drains and exits well inside it (about
+# 0.3 s here, docs/containers.md); a busy machine must not turn that into a SIGKILL.
+STOP_SECONDS = 10
 
 
 def report(request, line: str) -> None:
@@ -183,15 +186,16 @@ def test_the_serving_image_holds_no_tensorflow_and_passes_its_healthcheck(server
     assert podman("exec", name, "python", "-c", probe).stdout.split() == ["None", "None"]
 
 
-def test_podman_stop_ends_the_server_by_sigterm_within_3_s(server, request):
+def test_podman_stop_ends_the_server_by_sigterm(server, request):
     name, _url = server
     started = time.monotonic()
-    podman("stop", "--time", "3", name)
+    # podman sends SIGKILL after --time seconds: exit 143 says SIGTERM ended it first.
+    podman("stop", "--time", str(STOP_SECONDS), name)
     elapsed = time.monotonic() - started
     report(request, f"{SERVE_IMAGE}: podman stop took {elapsed:.2f} s")
     exit_code = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
     assert exit_code == "143", f"exit {exit_code} (137 is SIGKILL)\n{logs(name)}"
-    assert elapsed < 3
+    assert elapsed < STOP_SECONDS
     assert "Finished server process" in logs(name)
 
 
