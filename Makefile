@@ -68,11 +68,15 @@ retrain: install ## Snapshot the served feedback into data/feedback, dvc repro, 
 tune: install ## Search hyperparameters with Optuna (STUDY=…, TRIALS=…, SEARCH=mlp|cnn)
 	mnist-mlops tune --study $(STUDY) --trials $(TRIALS) --search $(SEARCH)
 
-test: install install-spark install-jax install-object-store lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included
-	pytest
+# pytest-xdist workers: one more than the reference machine's 2 cores, because a third
+# of the suite waits on servers, outages and subprocesses rather than computing.
+TEST_WORKERS ?= 3
 
-test-fast: install install-spark install-jax install-object-store ## Run the tests without the real-data and container ones
-	pytest -m "not slow and not containers"
+test: install install-spark install-jax install-object-store lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included; the 15 slowest at the end
+	pytest -n $(TEST_WORKERS) --durations=15
+
+test-fast: install install-spark install-jax install-object-store ## Every wing in minutes: leaves out the real-data, container and heavy tests
+	pytest -n $(TEST_WORKERS) -m "not slow and not containers and not heavy"
 
 lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint)
 	ruff check .

@@ -82,8 +82,11 @@ def build(request, target: str, tag: str) -> None:
 def images(tools, request):
     build(request, "serve", SERVE_IMAGE)
     build(request, "pipeline", PIPELINE_IMAGE)
-    # What the previous builds left untagged; the layers in use stay cached.
-    podman("image", "prune", "--force")
+    # What the previous builds left untagged; the layers in use stay cached. Housekeeping
+    # of the build cache, not what is tested: a prune that fails is shown, not fatal.
+    pruned = podman("image", "prune", "--force", check=False)
+    if pruned.returncode != 0:
+        report(request, f"podman image prune failed: {pruned.stderr.strip()[-300:]}")
 
 
 @pytest.fixture(scope="module")

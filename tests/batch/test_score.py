@@ -136,6 +136,7 @@ def master_state(ui_port: int) -> dict:
         return json.load(answer)
 
 
+@pytest.mark.heavy
 def test_local_and_spark_agree_and_bad_rows_are_rejected(store, tmp_path):
     _directory, _env, images, labels = store
     source = batch_file(tmp_path / "batch.parquet", images, BAD_ROWS)
@@ -181,6 +182,7 @@ def test_local_and_spark_agree_and_bad_rows_are_rejected(store, tmp_path):
         assert sum(shares) == pytest.approx(1.0)
 
 
+@pytest.mark.heavy
 def test_a_standalone_cluster_scores_the_same(store, tmp_path):
     _directory, _env, images, _labels = store
     source = batch_file(tmp_path / "batch.parquet", images, BAD_ROWS[:1])
@@ -227,6 +229,7 @@ def test_a_standalone_cluster_scores_the_same(store, tmp_path):
     assert rejected(tmp_path / "cluster") == {1000: "image of 100 bytes, expected 784"}
 
 
+@pytest.mark.heavy
 def test_output_is_atomic_and_only_overwritten_when_asked(store, tmp_path):
     _directory, _env, images, _labels = store
     source = batch_file(tmp_path / "batch.parquet", np.tile(images, (4000, 1, 1)))
@@ -261,6 +264,7 @@ def test_output_is_atomic_and_only_overwritten_when_asked(store, tmp_path):
     assert len(read_output(output)["id"]) == 3
 
 
+@pytest.mark.heavy
 def test_the_alias_is_resolved_once_at_the_start(store, tmp_path):
     directory, env, images, _labels = store
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

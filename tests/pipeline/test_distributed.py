@@ -107,6 +107,7 @@ def worker_module(directory: Path, process: int, processes: int, coordinator: st
     )
 
 
+@pytest.mark.heavy
 def test_two_processes_train_like_one_on_the_same_global_batches(tiny_project):
     directory, config = tiny_project
     coordinator = config.train.distributed.coordinator
@@ -138,6 +139,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tiny_project):
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
 
 
+@pytest.mark.heavy
 def test_the_stage_with_two_local_processes_logs_one_run_and_evaluates_unchanged(tiny_project):
     directory, config = tiny_project
     command = [sys.executable, "-m", "mnist_mlops", "train", "--local-processes", "2"]
@@ -190,6 +192,7 @@ def failed_stage(directory: Path, stage: subprocess.Popen, started: float, bound
     return stage.returncode, lines, elapsed, logged, output
 
 
+@pytest.mark.heavy
 def test_a_worker_killed_mid_fit_fails_the_stage_within_the_bound(tiny_project):
     directory, config = tiny_project
     raw = yaml.safe_load((directory / "params.yaml").read_text())
@@ -231,6 +234,7 @@ def test_a_worker_killed_mid_fit_fails_the_stage_within_the_bound(tiny_project):
     assert not (directory / "models").exists()
 
 
+@pytest.mark.heavy
 def test_a_worker_that_never_joins_fails_the_stage_within_the_bound(tiny_project):
     directory, config = tiny_project
     stage = subprocess.Popen(
@@ -332,6 +336,7 @@ def test_two_processes_on_real_mnist_reach_the_seed_accuracy(workdir):
     assert metrics["test_accuracy"] >= 0.975
 
 
+@pytest.mark.heavy
 def test_sigterm_on_the_stage_stops_its_local_workers_and_ends_the_run_killed(tiny_project):
     directory, _config = tiny_project
     raw = yaml.safe_load((directory / "params.yaml").read_text())

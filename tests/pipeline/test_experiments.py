@@ -100,6 +100,7 @@ def grid(tmp_path_factory):
         kill_processes_in(project)
 
 
+@pytest.mark.heavy
 def test_an_experiment_in_a_temporary_copy_needs_nothing_activated(tmp_path):
     """`.venv/bin/dvc exp run --temp`, no virtualenv on PATH: the stages find the project's
     Python; a failed experiment leaves params.yaml and the outputs as they were."""
@@ -125,6 +126,7 @@ def test_an_experiment_in_a_temporary_copy_needs_nothing_activated(tmp_path):
     assert run(["git", "status", "--porcelain"], project, env).stdout == ""
 
 
+@pytest.mark.heavy
 def test_every_queued_experiment_lands_in_the_one_store(grid):
     project, _env = grid
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -153,6 +155,7 @@ def test_every_queued_experiment_lands_in_the_one_store(grid):
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
+@pytest.mark.heavy
 def test_dvc_experiments_and_mlflow_runs_lead_to_each_other(grid):
     project, env = grid
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project, env).stdout)
@@ -244,6 +247,7 @@ def test_mlflow_ui_shows_the_runs_metrics_and_registered_model(ui_server):
     assert [alias["alias"] for alias in model.get("aliases", [])].count("champion") == 1
 
 
+@pytest.mark.heavy
 def test_leaderboard_reads_a_tracking_server_too(grid, ui_server):
     project, env = grid
     _header, local = leaderboard(project, env)

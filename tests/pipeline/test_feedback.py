@@ -149,6 +149,7 @@ def test_feedback_trains_the_older_part_and_the_gate_judges_on_the_recent_part(w
     assert "does not beat the champion's" in again["reason"]
 
 
+@pytest.mark.heavy
 def test_retrain_snapshots_the_feedback_and_reruns_the_pipeline(project, http_mirror, tmp_path):
     params = compose_config(*TINY, "train.epochs=3", "registry.test_tolerance=0.05")
     (project / "params.yaml").write_text(yaml.safe_dump(params))

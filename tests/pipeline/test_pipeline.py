@@ -29,6 +29,7 @@ def runs_in(project):
     return client, client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
 
 
+@pytest.mark.heavy
 def test_dvc_repro_end_to_end(project, http_mirror):
     (project / "params.yaml").write_text(yaml.safe_dump(compose_config(*TINY, "train.epochs=2")))
     env = subprocess_env(MNIST_MIRROR=http_mirror)
@@ -96,6 +97,7 @@ def test_dvc_repro_end_to_end(project, http_mirror):
     assert {row["field"] for row in curves} == {"loss", "val_loss"}
 
 
+@pytest.mark.heavy
 def test_dvc_exp_run_composes_hydra_overrides(project, http_mirror):
     env = subprocess_env(MNIST_MIRROR=http_mirror)
     overrides = [f"-S{override}" for override in (*TINY, "model=cnn", "optimizer=adam")]
@@ -162,6 +164,7 @@ def test_real_mnist_reaches_the_target_accuracies(project):
     assert registry["version"] == 2 and registry["promoted"], registry
 
 
+@pytest.mark.heavy
 def test_results_travel_through_the_dvc_remote(project, http_mirror):
     """Push from one clone; a second clone pulls data, model and metrics and runs nothing."""
     (project / "params.yaml").write_text(yaml.safe_dump(compose_config(*TINY, "train.epochs=1")))
@@ -183,6 +186,7 @@ def test_results_travel_through_the_dvc_remote(project, http_mirror):
     assert stages_run(status.stdout) == []
 
 
+@pytest.mark.heavy
 def test_git_ignores_what_the_pipeline_generates(project, http_mirror):
     (project / "params.yaml").write_text(yaml.safe_dump(compose_config(*TINY, "train.epochs=1")))
     env = subprocess_env(MNIST_MIRROR=http_mirror)

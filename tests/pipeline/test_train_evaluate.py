@@ -188,6 +188,7 @@ def test_sigterm_during_training_marks_the_run_killed(prepared, workdir):
     assert not RUN_FILE.exists()
 
 
+@pytest.mark.heavy
 def test_hydra_app_trains_with_command_line_overrides(prepared, workdir):
     (workdir / "conf").symlink_to(REPO_ROOT / "conf")
     mirror_overrides = tiny_overrides(workdir)

@@ -345,6 +345,7 @@ def replica_pid(port: int) -> int:
     raise AssertionError(f"no replica on port {port}")
 
 
+@pytest.mark.heavy
 def test_two_replicas_behind_the_proxy_lose_no_request_when_one_is_killed(certificates, tmp_path):
     """`mnist-mlops proxy --replicas 2` (what `make serve REPLICAS=2` runs) under 8 clients."""
     uri, images = train_champion(tmp_path)
@@ -410,6 +411,7 @@ def test_two_replicas_behind_the_proxy_lose_no_request_when_one_is_killed(certif
         assert time.perf_counter() - started < 5
 
 
+@pytest.mark.heavy
 def test_feedback_sent_the_moment_its_answer_arrives_is_taken_through_two_replicas(
     certificates, tmp_path
 ):

@@ -207,6 +207,7 @@ def test_no_internal_port_reads_writes_or_deletes_for_a_stranger(store):
     assert (data / "security.toml").exists() and data.stat().st_mode & 0o077 == 0
 
 
+@pytest.mark.heavy
 def test_a_restart_keeps_every_object_and_leaves_nothing_in_tmp(tmp_path):
     port = free_port_run()
     with object_store(tmp_path, port) as (endpoint, secret, process, _port):

@@ -45,6 +45,7 @@ def logged_between(history, start: float, end: float) -> list:
     return [entry for entry in history if start * 1000 < entry.timestamp < end * 1000]
 
 
+@pytest.mark.heavy
 def test_a_fit_rides_out_a_tracking_server_restart_and_a_postgres_restart(
     postgres, http_mirror, tmp_path, monkeypatch
 ):

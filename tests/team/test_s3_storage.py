@@ -52,6 +52,7 @@ def s3_team(postgres, tmp_path_factory):
             yield url, password, endpoint, secret
 
 
+@pytest.mark.heavy
 def test_the_pipeline_and_serving_work_from_a_client_without_s3_keys(
     s3_team, http_mirror, tmp_path, monkeypatch
 ):
@@ -88,6 +89,7 @@ def test_the_pipeline_and_serving_work_from_a_client_without_s3_keys(
             assert response.headers["X-Model-Version"] == f"mnist-classifier/{champion.version}"
 
 
+@pytest.mark.heavy
 def test_an_unreachable_or_forbidden_bucket_stops_the_server_in_one_line(s3_team, postgres):
     _url, _password, endpoint, secret = s3_team
     port = free_port()
@@ -106,6 +108,7 @@ def test_an_unreachable_or_forbidden_bucket_stops_the_server_in_one_line(s3_team
     assert "needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in result.stderr
 
 
+@pytest.mark.heavy
 def test_moving_a_team_to_s3_keeps_old_runs_readable(postgres, tmp_path, monkeypatch):
     old_artifacts = tmp_path / "old-artifacts"
     port = free_port()
@@ -151,6 +154,7 @@ def remote(project: Path, endpoint: str, keys, env: dict) -> dict:
     return {**env, **keys.environment()}
 
 
+@pytest.mark.heavy
 def test_dvc_push_and_pull_through_the_store_and_a_store_killed_mid_push(tmp_path, http_mirror):
     env = without_s3_keys(subprocess_env(MNIST_MIRROR=http_mirror))
     first = tiny_clone(tmp_path / "first")

@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from ..conftest import command_lines, free_port, serving, subprocess_env
 
 
@@ -18,6 +20,7 @@ def auth_files() -> list[str]:
     return glob.glob(str(Path(tempfile.gettempdir()) / "mlflow-auth-*"))
 
 
+@pytest.mark.heavy
 def test_the_tracking_server_keeps_its_secrets_off_command_lines_and_out_of_tmp(postgres):
     admin_uri, postgres_port = postgres
     role_password, admin_password = secrets.token_hex(10), f"team-{secrets.token_hex(10)}"

@@ -82,6 +82,7 @@ def mnist_runs(client):
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
+@pytest.mark.heavy
 def test_the_pipeline_tracks_registers_and_serves_through_the_server(
     team_server, team_client, http_mirror, tmp_path
 ):
@@ -124,6 +125,7 @@ def first_images(project: Path) -> bytes:
         return json.dumps({"inputs": arrays["images"][:3].tolist()}).encode()
 
 
+@pytest.mark.heavy
 def test_two_working_copies_log_at_the_same_time(team_server, team_client, http_mirror, tmp_path):
     before = {item.info.run_id for item in mnist_runs(team_client)}
     env = team_env(team_server, MNIST_MIRROR=http_mirror)
@@ -163,6 +165,7 @@ def basic_auth(user: str, password: str) -> dict:
 @pytest.mark.parametrize(
     "headers", [{}, basic_auth("admin", "wrong password")], ids=["none", "wrong"]
 )
+@pytest.mark.heavy
 def test_requests_without_valid_credentials_are_refused(team_server, headers):
     url, password, _artifacts = team_server
     endpoint = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -174,6 +177,7 @@ def test_requests_without_valid_credentials_are_refused(team_server, headers):
         assert response.status == 200
 
 
+@pytest.mark.heavy
 def test_a_stage_with_wrong_credentials_fails_with_one_line(team_server, tmp_path):
     url, _password, _artifacts = team_server
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(compose_config()))
@@ -212,6 +216,7 @@ def team_proxy(team_server, certificates):
         yield proxied
 
 
+@pytest.mark.heavy
 def test_the_pipeline_reaches_the_server_through_the_https_proxy(
     team_server, team_proxy, team_client, certificates, http_mirror, tmp_path, monkeypatch
 ):
@@ -289,6 +294,7 @@ print(registration.version)
 """
 
 
+@pytest.mark.heavy
 def test_two_evaluators_racing_leave_the_better_version_champion(
     team_server, team_client, tmp_path
 ):

@@ -46,6 +46,7 @@ def mlflow_server(store, port: int):
     return serving(command, subprocess_env(), f"http://127.0.0.1:{port}", "/health")
 
 
+@pytest.mark.heavy
 def test_server_down_at_the_start_fails_fast_and_records_nothing(project, http_mirror, tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(compose_config(*TINY, "train.epochs=1")))
     port = free_port()
@@ -71,6 +72,7 @@ def test_server_down_at_the_start_fails_fast_and_records_nothing(project, http_m
     assert runs[0].data.metrics["test_accuracy"] == metrics["test_accuracy"]
 
 
+@pytest.mark.heavy
 def test_server_lost_mid_training_fails_cleanly_and_the_next_run_recovers(
     project, http_mirror, tmp_path
 ):
@@ -185,6 +187,7 @@ def fill(path: Path) -> Path:
     return filler
 
 
+@pytest.mark.heavy
 def test_a_full_disk_fails_the_stage_in_one_line_and_registers_nothing(workdir, tmp_path):
     """The artifact store and the DVC cache, each on a small file system that fills up."""
     project = copy_project(tmp_path / "clone")

@@ -109,6 +109,7 @@ def runs_of(store):
     return {found.info.run_name: found for found in runs}
 
 
+@pytest.mark.heavy
 def test_the_printed_link_lands_on_the_training_runs_with_their_test_accuracy(
     store, browser, screenshots
 ):
@@ -182,6 +183,7 @@ def _ui_root(store) -> str:
     return printed["registered model"].split("/#/")[0]
 
 
+@pytest.mark.heavy
 def test_the_registered_model_page_shows_the_champion(store, browser, screenshots):
     printed, client, _experiment = store
     champion = client.get_model_version_by_alias("mnist-classifier", "champion")

@@ -154,6 +154,7 @@ def duo(tuning):
     return finish(start_workers(project, env, 2, "duo", "--trials", "6", *SHORT))
 
 
+@pytest.mark.heavy
 def test_two_workers_share_one_study_and_nest_every_trial_under_one_parent(tuning, duo):
     project, env = tuning
     outputs = duo
@@ -184,6 +185,7 @@ def test_two_workers_share_one_study_and_nest_every_trial_under_one_parent(tunin
     assert f" {best.value:.4f} " in lines[1]  # best first (trials may tie)
 
 
+@pytest.mark.heavy
 def test_the_best_trial_becomes_a_preset_that_dvc_exp_run_reproduces(tuning, duo):
     project, env = tuning
     study = load(embedded_storage(project), "duo")
@@ -241,6 +243,7 @@ def test_every_search_space_is_valid_and_covers_its_groups():
             assert parameter.name.split(".")[0] in ("model", "optimizer", "train")
 
 
+@pytest.mark.heavy
 def test_workers_on_postgresql_share_one_study_through_a_database_restart(tuning, postgres):
     """On the database `mnist-mlops tracking-server` prepares; PostgreSQL restarts mid-study."""
     project, env = tuning
@@ -277,6 +280,7 @@ def study_names(storage: str) -> list[str]:
     return [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
 
 
+@pytest.mark.heavy
 def test_a_killed_worker_s_trial_fails_and_its_params_are_retried(tuning):
     project, env = tuning
     storage = embedded_storage(project)
@@ -314,6 +318,7 @@ def test_a_killed_worker_s_trial_fails_and_its_params_are_retried(tuning):
     assert killed_run.data.tags["optuna.state"] == "FAIL"
 
 
+@pytest.mark.heavy
 def test_sigterm_fails_the_trial_kills_its_run_and_the_same_command_resumes(tuning):
     project, env = tuning
     storage = embedded_storage(project)
@@ -347,6 +352,7 @@ def test_sigterm_fails_the_trial_kills_its_run_and_the_same_command_resumes(tuni
     assert len(study.trials) == 3 + 1  # the stopped trial, then exactly the rest of the budget
 
 
+@pytest.mark.heavy
 def test_a_bad_region_is_pruned(tuning):
     project, env = tuning
     # Six random trials (seed 2 draws the good rate first); pruning from the second on.

@@ -155,6 +155,12 @@ def use_experiment(config: MlflowConfig) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     # Stages move a few small artifacts; progress bars for them only clutter the log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow records which environment variables a model's logging read by patching
+    # os.environ for everyone while it logs; the stage's background threads (its run
+    # log, the system metrics) read the environment meanwhile, and MLflow's iteration
+    # over the set they grow then fails ("Set changed size during iteration", seen on a
+    # busy machine). The list only feeds Databricks' serving tips.
+    os.environ.setdefault("MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING", "false")
     import mlflow
 
     name = config.experiment_name
