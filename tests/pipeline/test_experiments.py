@@ -190,6 +190,7 @@ def leaderboard(project, env, *arguments):
     return header, lines
 
 
+@pytest.mark.heavy
 def test_leaderboard_lists_runs_best_first_and_marks_the_champion(grid):
     project, env = grid
     header, lines = leaderboard(project, env)
@@ -232,6 +233,7 @@ def rest(url: str, path: str, body: dict | None = None) -> dict:
         return json.load(response)
 
 
+@pytest.mark.heavy
 def test_mlflow_ui_shows_the_runs_metrics_and_registered_model(ui_server):
     experiment = rest(ui_server, "experiments/get-by-name?experiment_name=mnist")["experiment"]
     found = rest(ui_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})

@@ -139,6 +139,7 @@ def test_the_printed_link_lands_on_the_training_runs_with_their_test_accuracy(
     assert "GenAI overview" not in page and "Token Usage" not in page
 
 
+@pytest.mark.heavy
 def test_a_run_shows_its_figures_and_its_system_metrics(store, browser, screenshots, tmp_path):
     _printed, client, experiment = store
     run_id = runs_of(store)["second-adam"].info.run_id
@@ -192,6 +193,7 @@ def test_the_registered_model_page_shows_the_champion(store, browser, screenshot
     browser.save_screenshot(str(screenshots / "registered-model.png"))
 
 
+@pytest.mark.heavy
 def test_the_compare_view_of_the_two_runs_loads(store, browser, screenshots):
     _printed, _client, experiment = store
     runs = runs_of(store)

@@ -215,6 +215,7 @@ def test_the_best_trial_becomes_a_preset_that_dvc_exp_run_reproduces(tuning, duo
     assert abs(pipeline_run.data.metrics["val_accuracy"] - best.value) <= 0.05
 
 
+@pytest.mark.heavy
 def test_export_writes_the_preset_again_and_never_over_a_hand_written_one(tuning, duo):
     project, env = tuning
     preset = project / "conf" / "experiment" / "duo.yaml"
@@ -416,6 +417,7 @@ def test_missing_processed_data_names_the_command_that_makes_it(tmp_path):
     assert not (project / "optuna.db").exists()
 
 
+@pytest.mark.heavy
 def test_optuna_dashboard_shows_the_study_from_the_same_storage(tuning, duo):
     project, env = tuning
     port = free_port()

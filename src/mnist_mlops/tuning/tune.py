@@ -56,7 +56,6 @@ def tune(arguments: argparse.Namespace) -> int:
             f"{missing[0]} is missing: make the processed data with `dvc repro preprocess` "
             "(or `dvc pull` on another machine)"
         )
-    experiment_id = use_experiment(base.mlflow)
     # Each trial gets one line of its own (Objective.report); Optuna's would repeat it,
     # with a traceback for a trial stopped by Ctrl-C.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -69,6 +68,9 @@ def tune(arguments: argparse.Namespace) -> int:
     storage = studies.open_storage(
         storage_url, arguments.heartbeat, grace, on_stale, arguments.storage_outage
     )
+    # After the storage: one that cannot be used fails in its one line before MLflow's
+    # store is touched (a new store's first use logs its table creation).
+    experiment_id = use_experiment(base.mlflow)
     max_epochs = max(
         [p.high for p in space.parameters if p.name == "train.epochs"] or [base.train.epochs]
     )
