@@ -23,7 +23,7 @@ SEARCH ?= mlp
 TARGETS ?= 127.0.0.1:$(PORT)
 
 .DEFAULT_GOAL := help
-.PHONY: docs-assets help install install-spark install-jax install-object-store object-store repro retrain tune test test-fast lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
+.PHONY: docs-assets help install install-spark install-jax install-object-store object-store repro retrain tune test test-fast test-busy lint docs docs-build format params ui serve tracking-server certs proxy monitoring benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -75,8 +75,15 @@ TEST_WORKERS ?= 3
 test: install install-spark install-jax install-object-store lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included; the 15 slowest at the end
 	pytest -n $(TEST_WORKERS) --durations=15
 
+FAST_TIER := -m "not slow and not containers and not heavy"
+
 test-fast: install install-spark install-jax install-object-store ## Every wing in minutes: leaves out the real-data, container and heavy tests
-	pytest -n $(TEST_WORKERS) -m "not slow and not containers and not heavy"
+	pytest -n $(TEST_WORKERS) $(FAST_TIER)
+
+test-busy: install install-spark install-jax install-object-store ## The fast tier twice in a row while a busy loop holds every core
+	@busy=""; for core in $$(seq $$(nproc)); do python -c 'while True: pass' & busy="$$busy $$!"; done; \
+	trap "kill $$busy" EXIT; \
+	pytest -n $(TEST_WORKERS) $(FAST_TIER) && pytest -n $(TEST_WORKERS) $(FAST_TIER)
 
 lint: install ## Lint and check formatting (ruff), lint the Dockerfile (hadolint)
 	ruff check .

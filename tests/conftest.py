@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from mnist_mlops.config import Config, validate
 from mnist_mlops.pipeline.fetch import IDX_FILES, NPZ_FILE
 
-from .scheduling import pytest_collection_modifyitems  # noqa: F401  (a hook: each module whole)
+from .scheduling import pytest_collection_modifyitems  # noqa: F401  (a hook: the longest first)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"
@@ -552,3 +552,7 @@ def resident_megabytes(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+# The slow tests' one shared `dvc repro` on the real MNIST (it imports from this module).
+from .real_data import copy_of_real_pipeline, real_pipeline  # noqa: E402, F401

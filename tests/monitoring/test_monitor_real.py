@@ -12,7 +12,7 @@ from mnist_mlops.monitoring.features import image_features
 from mnist_mlops.monitoring.inference_log import InferenceLog, LogSettings, save_feedback
 from mnist_mlops.monitoring.reference import load_reference
 
-from ..conftest import REAL_MNIST, run, subprocess_env
+from ..conftest import run, subprocess_env
 
 WINDOWS, WINDOW = 100, 500
 
@@ -31,10 +31,8 @@ def answers(probabilities: np.ndarray) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST mirror not found at {REAL_MNIST}")
-def test_the_monitor_tells_drift_from_clean_digits(project, tmp_path):
-    env = subprocess_env(MNIST_MIRROR=str(REAL_MNIST))
-    run(["dvc", "repro"], project, env)
+def test_the_monitor_tells_drift_from_clean_digits(copy_of_real_pipeline, tmp_path):
+    project = copy_of_real_pipeline
     reference = load_reference(project / "reports" / "reference.npz")
     with np.load(project / "data" / "processed" / "test.npz") as test:
         images, labels = test["images"].astype(np.float32), test["labels"]

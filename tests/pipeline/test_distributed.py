@@ -4,7 +4,6 @@ The stage is `python -m mnist_mlops train` as DVC runs it; the other
 processes are `mnist-mlops train-worker` (or the stage's own local workers).
 """
 
-import json
 import os
 import re
 import signal
@@ -25,7 +24,6 @@ from mnist_mlops.pipeline.preprocess import preprocess
 from mnist_mlops.pipeline.worker import epoch_order, share
 
 from ..conftest import (
-    REAL_MNIST,
     compose_config,
     descendants,
     free_port,
@@ -312,28 +310,6 @@ def test_a_worker_says_in_one_line_what_is_wrong(tiny_project):
     uneven = run([*command, "--process-id", "1", "--processes", "3"], directory, env, check=False)
     assert uneven.returncode == 2
     assert "must be a multiple of distributed.processes (3)" in uneven.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST mirror not found at {REAL_MNIST}")
-def test_two_processes_on_real_mnist_reach_the_seed_accuracy(workdir):
-    raw = compose_config(
-        f"data.source={REAL_MNIST}",
-        "data.sha256sums=SHA256SUMS",
-        f"train.distributed.coordinator=127.0.0.1:{free_port()}",
-    )
-    config = validate(raw)
-    fetch(config.data)
-    preprocess(config)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    command = [sys.executable, "-m", "mnist_mlops", "train", "--local-processes", "2"]
-    result = run(command, workdir, stage_env(workdir))
-    print(result.stdout)
-    _client, logged = one_run(workdir)
-    assert logged.data.tags["train.processes"] == "2"
-    metrics = evaluate(config)
-    print(json.dumps(metrics))
-    assert metrics["test_accuracy"] >= 0.975
 
 
 @pytest.mark.heavy

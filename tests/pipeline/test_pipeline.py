@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from ..conftest import REAL_MNIST, TINY_DATA, compose_config, run, subprocess_env
+from ..conftest import TINY_DATA, compose_config, run, subprocess_env
 
 STAGES = ("fetch", "preprocess", "train", "evaluate")
 TINY = (
@@ -140,28 +140,6 @@ def keras_test_accuracy(project) -> float:
     with np.load(project / "data/processed/test.npz", allow_pickle=False) as arrays:
         probabilities = network.predict(arrays["images"], batch_size=1000, verbose=0)
         return float(np.mean(probabilities.argmax(axis=1) == arrays["labels"]))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST mirror not found at {REAL_MNIST}")
-def test_real_mnist_reaches_the_target_accuracies(project):
-    """The seed's mlp by `dvc repro`, then the cnn_fast preset by `dvc exp run`, on real MNIST."""
-    env = subprocess_env(MNIST_MIRROR=str(REAL_MNIST))
-    result = run(["dvc", "repro"], project, env)
-    assert stages_run(result.stdout) == list(STAGES)
-    manifest = json.loads((project / "data/processed/manifest.json").read_text())
-    assert manifest["examples"] == {"train": 54000, "validation": 6000, "test": 10000}
-    mlp = json.loads((project / "reports/metrics.json").read_text())
-    assert mlp["test_accuracy"] >= 0.975, mlp
-    assert keras_test_accuracy(project) == pytest.approx(mlp["test_accuracy"], abs=1e-4)
-
-    result = run(["dvc", "exp", "run", "-S", "experiment=cnn_fast"], project, env)
-    assert stages_run(result.stdout) == ["train", "evaluate"]
-    cnn = json.loads((project / "reports/metrics.json").read_text())
-    assert cnn["test_accuracy"] >= 0.992, cnn
-    assert keras_test_accuracy(project) == pytest.approx(cnn["test_accuracy"], abs=1e-4)
-    registry = json.loads((project / "reports/registry.json").read_text())
-    assert registry["version"] == 2 and registry["promoted"], registry
 
 
 @pytest.mark.heavy

@@ -26,7 +26,6 @@ from mnist_mlops.team.server import optuna_database_uri, prepare_postgres
 from mnist_mlops.tuning import search
 
 from ..conftest import (
-    REAL_MNIST,
     REPO_ROOT,
     TINY_DATA,
     compose_config,
@@ -435,34 +434,6 @@ def test_optuna_dashboard_shows_the_study_from_the_same_storage(tuning, duo):
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST mirror not found at {REAL_MNIST}")
-def test_a_real_study_beats_the_default_and_its_preset_becomes_champion(tmp_path):
-    """12 mlp trials on real MNIST with 2 workers; the preset goes through the gate."""
-    project = copy_project(tmp_path / "clone")
-    env = subprocess_env(MNIST_MIRROR=str(REAL_MNIST), PYTHONUNBUFFERED="1")
-    run(["dvc", "repro"], project, env)
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    default_run = client.get_run(pipeline_run_id(project))
-    default_test = json.loads((project / "reports" / "metrics.json").read_text())["test_accuracy"]
-
-    outputs = finish(start_workers(project, env, 2, "real", "--trials", "12"), timeout=1800)
-    study = assert_complete_study(project, embedded_storage(project), "real", 12)
-    default_val = default_run.data.metrics["val_accuracy"]
-    assert study.best_value > default_val, (study.best_value, default_val, outputs)
-
-    result = run(["dvc", "exp", "run", "-S", "experiment=real"], project, env)
-    assert "Running stage 'train'" in result.stdout
-    tuned_test = json.loads((project / "reports" / "metrics.json").read_text())["test_accuracy"]
-    registry = json.loads((project / "reports" / "registry.json").read_text())
-    print(
-        f"default: val {default_val:.4f} test {default_test:.4f}; best trial "
-        f"{study.best_trial.number}: val {study.best_value:.4f}; its preset: test {tuned_test:.4f}"
-    )
-    assert tuned_test > default_test
-    assert registry["promoted"] and registry["champion_version"] == registry["version"] == 2
 
 
 def pipeline_run_id(project) -> str:
