@@ -209,13 +209,10 @@ def test_leaderboard_lists_runs_best_first_and_marks_the_champion(grid):
 
 @pytest.fixture(scope="module")
 def ui_server(grid):
-    """The real MLflow UI server on the grid's store, as the README starts it."""
+    """The real MLflow UI on the grid's store, as the README starts it (`make ui`)."""
     project, env = grid
     port = free_port()
-    command = [
-        *("mlflow", "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}"),
-        *("--host", "127.0.0.1", "--port", str(port)),
-    ]
+    command = [sys.executable, "-m", "mnist_mlops", "ui", "--port", str(port)]
     with serving(command, env, f"http://127.0.0.1:{port}", "/health", project) as url:
         yield url
 

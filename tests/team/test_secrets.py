@@ -6,6 +6,7 @@ in neither, during its life or after it.
 """
 
 import glob
+import os
 import secrets
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import command_lines, free_port, serving, subprocess_env
+from ..conftest import command_lines, descendants, free_port, serving, subprocess_env
 
 
 def auth_files() -> list[str]:
@@ -43,4 +44,27 @@ def test_the_tracking_server_keeps_its_secrets_off_command_lines_and_out_of_tmp(
         for secret in (role_password, admin_password, postgres_password):
             assert secret not in shown
         assert auth_files() == before
+        # And no more of them than it needs: one web worker per core, no GenAI job runner.
+        workers = server_processes(port)
+        assert not [line for line in workers if "huey" in line or "_job_runner" in line], workers
+        assert len([line for line in workers if "spawn_main" in line]) == os.cpu_count(), workers
     assert auth_files() == before
+
+
+def server_processes(port: int) -> list[str]:
+    """The command lines of the MLflow server on `port` and of every process below it."""
+    (launcher,) = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and "server\0--artifacts-destination" in cmdline(entry.name)
+        and f"--port\0{port}\0" in cmdline(entry.name)
+    ]
+    return [cmdline(pid).replace("\0", " ") for pid in descendants(launcher)]
+
+
+def cmdline(pid) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""

@@ -43,7 +43,8 @@ def mlflow_server(store, port: int):
         *("--artifacts-destination", str(store / "artifacts"), "--serve-artifacts"),
         *("--workers", "1"),
     ]
-    return serving(command, subprocess_env(), f"http://127.0.0.1:{port}", "/health")
+    env = subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job runner
+    return serving(command, env, f"http://127.0.0.1:{port}", "/health")
 
 
 @pytest.mark.heavy

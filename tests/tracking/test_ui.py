@@ -12,17 +12,24 @@ import shutil
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
 from mnist_mlops.pipeline.figures import mistakes_image, most_confident_mistakes
-from mnist_mlops.tracking.ui import differing_params, run_note, training_runs_view
+from mnist_mlops.tracking.ui import (
+    SERVER_ENV_NAMES,
+    differing_params,
+    run_note,
+    training_runs_view,
+)
 
 from ..conftest import (
     TINY_DATA,
     copy_project,
+    descendants,
     free_port,
     run,
     serving,
@@ -204,6 +211,43 @@ def test_the_compare_view_of_the_two_runs_loads(store, browser, screenshots):
     browser.get(f"{_ui_root(store)}/#/compare-runs?{query}")
     wait_for_text(browser, "Comparing 2 Runs", "first-mlp", "second-adam", "optimizer.name")
     browser.save_screenshot(str(screenshots / "compare.png"))
+
+
+def test_the_viewer_is_mlflow_s_web_app_alone_without_a_launcher_or_job_runner(store):
+    printed, _client, _experiment = store
+    port = urllib.parse.urlsplit(printed["registered model"]).port
+    (ui,) = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and f"ui\0--port\0{port}\0" in command_line(entry.name)
+    ]
+    below = [command_line(pid) for pid in descendants(ui) - {ui}]
+    assert len(below) == 1, below
+    assert "\0uvicorn\0" in below[0] and below[0].endswith("mlflow.server.fastapi_app:app\0")
+
+
+def command_line(pid) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    except OSError:
+        return ""
+
+
+def test_the_viewer_sets_the_environment_mlflow_ui_sets():
+    """`mnist-mlops ui` starts MLflow's app itself: the names it sets are MLflow's own."""
+    import mlflow.environment_variables as settings
+    import mlflow.server as server
+
+    assert {
+        "backend_store": server.BACKEND_STORE_URI_ENV_VAR,
+        "registry_store": server.REGISTRY_STORE_URI_ENV_VAR,
+        "artifact_root": server.ARTIFACT_ROOT_ENV_VAR,
+        "serve_artifacts": server.SERVE_ARTIFACTS_ENV_VAR,
+        "artifacts_destination": server.ARTIFACTS_DESTINATION_ENV_VAR,
+        "boot_id": settings._MLFLOW_SERVER_BOOT_ID.name,
+        "in_job_executor": settings._MLFLOW_IN_JOB_EXECUTOR.name,
+        "server_name": settings._MLFLOW_SGI_NAME.name,
+    } == SERVER_ENV_NAMES
 
 
 class _Run:

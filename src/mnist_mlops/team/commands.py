@@ -44,6 +44,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     team.add_argument("--host", default="127.0.0.1", help="bind address")
     team.add_argument("--port", type=int, default=5001, help="port")
+    team.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="web server processes (one per core)",
+    )
     team.set_defaults(run=tracking_server)
     add_object_store_command(commands)
 
@@ -116,6 +122,7 @@ def tracking_server(arguments: argparse.Namespace) -> int:
             admin_uri,
             arguments.s3_endpoint_url,
             arguments.import_artifacts,
+            arguments.workers,
         )
     except TeamServerError as error:
         print(f"mnist-mlops tracking-server: {error}", file=sys.stderr)

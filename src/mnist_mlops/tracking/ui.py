@@ -32,6 +32,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from mnist_mlops.tracking.store import EXPERIMENT_NOTE, NOTE_TAG
 
@@ -113,10 +114,50 @@ def links(base_url: str, experiment_id: str | None, model_name: str) -> dict[str
     return found
 
 
-# A viewer for one person on one machine: one worker, and no GenAI job runner
-# (with its huey consumers), which the project never uses. MLflow starts 15
-# processes and 2.5 GB otherwise; the UI is ready in a few seconds this way.
+# A viewer for one person on one machine: MLflow's web app in one uvicorn
+# process, started here the way `mlflow ui` starts it (the environment below,
+# checked against MLflow's own names by tests/tracking/test_ui.py), without
+# `mlflow ui`'s launcher, which holds another 250 MB only to wait for it; no
+# GenAI job runner (with its huey consumers), which the project never uses.
+# MLflow's defaults make 15 processes and 2.5 GB; this is 2 and under 300 MB.
 LOCAL_VIEWER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+SERVER_ENV_NAMES = {
+    "backend_store": "_MLFLOW_SERVER_FILE_STORE",
+    "registry_store": "_MLFLOW_SERVER_REGISTRY_STORE",
+    "artifact_root": "_MLFLOW_SERVER_ARTIFACT_ROOT",
+    "serve_artifacts": "_MLFLOW_SERVER_SERVE_ARTIFACTS",
+    "artifacts_destination": "_MLFLOW_SERVER_ARTIFACT_DESTINATION",
+    "boot_id": "_MLFLOW_SERVER_BOOT_ID",
+    "in_job_executor": "_MLFLOW_IN_JOB_EXECUTOR",
+    "server_name": "_MLFLOW_SGI_NAME",
+}
+
+
+def viewer_command(store_uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of MLflow's web app on `store_uri`, as `mlflow ui` runs it."""
+    import importlib.util
+    import uuid
+
+    mlflow_folder = Path(importlib.util.find_spec("mlflow").origin).parent  # not imported
+    names = SERVER_ENV_NAMES
+    env = {
+        **LOCAL_VIEWER_ENV,
+        names["backend_store"]: store_uri,
+        names["registry_store"]: store_uri,
+        names["artifact_root"]: "mlflow-artifacts:/",
+        names["serve_artifacts"]: "true",
+        names["artifacts_destination"]: "./mlartifacts",
+        names["boot_id"]: uuid.uuid4().hex,
+        names["in_job_executor"]: "false",
+        names["server_name"]: "uvicorn",
+    }
+    command = [
+        *(sys.executable, "-m", "uvicorn"),
+        *("--log-config", str(mlflow_folder / "server" / "uvicorn_log_config.yaml")),
+        *("--host", host, "--port", str(port), "--workers", "1"),
+        "mlflow.server.fastapi_app:app",
+    ]
+    return command, env
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -169,28 +210,38 @@ def run_ui(host: str, port: int, experiment_name: str, model_name: str) -> int:
             file=sys.stderr,
         )
         return 1
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment_id = prepare_store(experiment_name)
     url = f"http://{host}:{port}"
     if taken := port_taken(host, port, "make ui UI_PORT=…, or --port"):
         print(f"mnist-mlops ui: {taken}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _interrupt)
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{database}"),
-            *("--host", host, "--port", str(port), "--workers", "1"),
-        ],
-        env={**os.environ, **LOCAL_VIEWER_ENV},
+    command, env = viewer_command(f"sqlite:///{database}", host, port)
+    process = subprocess.Popen(command, env={**os.environ, **env})
+    # The store is prepared meanwhile, by a process that exits: MLflow's client
+    # is not kept in memory for the viewer's lifetime.
+    prepare = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlops.tracking.ui", tracking_uri(), experiment_name],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
+        experiment_id = prepare.communicate()[0].strip() or None
+        if prepare.returncode:
+            print("mnist-mlops ui: the saved view could not be written (above)", file=sys.stderr)
         if _wait_for(url, process):
             print(f"MLflow UI on {url}", flush=True)
             for name, link in links(url, experiment_id, model_name).items():
                 print(f"  {name}: {link}", flush=True)
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
+        for child in (prepare, process):
+            child.terminate()
         return process.wait()
+
+
+if __name__ == "__main__":
+    # python -m mnist_mlops.tracking.ui TRACKING_URI EXPERIMENT: prepare, print its id.
+    import mlflow
+
+    mlflow.set_tracking_uri(sys.argv[1])
+    print(prepare_store(sys.argv[2]) or "")
