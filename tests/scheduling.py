@@ -24,13 +24,14 @@ LONGEST_FIRST = (
     "tests/test_containers.py",
     # After the shared run is done: these copy it.
     "tests/tuning/test_tune_real.py",
+    # Its own clone and `make repro`, then the runbooks (about 6 minutes).
+    "tests/test_tour.py",
     "tests/tuning/test_tune.py",
     "tests/pipeline/test_experiments.py",
-    "tests/pipeline/test_loop_real.py",
     "tests/pipeline/test_distributed.py",
+    "tests/pipeline/test_loop_real.py",
     "tests/batch/test_score.py",
     "tests/tracking/test_faults.py",
-    "tests/test_tour.py",
     "tests/pipeline/test_pipeline.py",
     "tests/tracking/test_ui.py",
     "tests/pipeline/test_distributed_real.py",
