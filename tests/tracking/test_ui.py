@@ -213,6 +213,7 @@ def test_the_compare_view_of_the_two_runs_loads(store, browser, screenshots):
     browser.save_screenshot(str(screenshots / "compare.png"))
 
 
+@pytest.mark.heavy
 def test_the_viewer_is_mlflow_s_web_app_alone_without_a_launcher_or_job_runner(store):
     printed, _client, _experiment = store
     port = urllib.parse.urlsplit(printed["registered model"]).port
