@@ -16,6 +16,8 @@ MNIST (the offline mirror) the pipeline trains three times.
 
 import json
 import os
+import re
+import time
 import urllib.request
 
 import numpy as np
@@ -102,7 +104,21 @@ def send_traffic(clone) -> float:
         right += sum(int(a == b) for a, b in zip(digits, truth, strict=True))
         rows += [f"{request_id},{position},{digit}" for position, digit in enumerate(truth)]
     (clone / "labels.csv").write_text("\n".join(rows) + "\n")
+    # The true digits come back later than the answers: after the server's
+    # writer has put every row into the inference log (once a second).
+    deadline = time.monotonic() + 120
+    while logged_rows() < TRAFFIC:
+        assert time.monotonic() < deadline, f"{logged_rows()} of {TRAFFIC} rows logged in 120 s"
+        time.sleep(0.5)
     return right / TRAFFIC
+
+
+def logged_rows() -> float:
+    """The rows the model server says its inference log has written (its /metrics)."""
+    with urllib.request.urlopen("http://127.0.0.1:5000/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    found = re.search(r"^mnist_serving_inference_log_rows_written_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def team_env(postgres) -> dict:

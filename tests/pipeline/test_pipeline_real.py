@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ..conftest import REAL_MNIST, run, subprocess_env
+from ..conftest import ALL_CORES, REAL_MNIST, run, subprocess_env
 from .test_pipeline import STAGES, keras_test_accuracy, stages_run
 
 
@@ -30,7 +30,8 @@ CNN_FAST_SECONDS = 1800
 def test_the_cnn_fast_preset_reaches_its_accuracy_and_becomes_champion(copy_of_real_pipeline):
     """The cnn_fast preset by `dvc exp run`, after the default pipeline, on real MNIST."""
     project = copy_of_real_pipeline
-    env = subprocess_env(MNIST_MIRROR=str(REAL_MNIST))
+    # The longest test of the suite: its fit takes both cores when they are free.
+    env = subprocess_env(MNIST_MIRROR=str(REAL_MNIST), **ALL_CORES)
     command = ["dvc", "exp", "run", "-S", "experiment=cnn_fast"]
     result = run(command, project, env, timeout=CNN_FAST_SECONDS)
     assert stages_run(result.stdout) == ["train", "evaluate"]
