@@ -234,9 +234,30 @@ def run_ui(host: str, port: int, experiment_name: str, model_name: str) -> int:
                 print(f"  {name}: {link}", flush=True)
         return process.wait()
     except KeyboardInterrupt:
-        for child in (prepare, process):
+        return stop_children(prepare, process)
+
+
+STOP_SECONDS = 20
+
+
+def stop_children(*children: subprocess.Popen) -> int:
+    """Stop the children once, whatever signals follow (make sends its own SIGTERM too).
+
+    Each gets SIGTERM and STOP_SECONDS to exit, then SIGKILL: Ctrl-C always ends
+    the viewer. Returns the last child's exit status.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for child in children:
+        if child.poll() is None:
             child.terminate()
-        return process.wait()
+    for child in children:
+        try:
+            child.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return children[-1].returncode
 
 
 if __name__ == "__main__":
