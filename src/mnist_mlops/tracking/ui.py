@@ -246,17 +246,11 @@ def stop_children(*children: subprocess.Popen) -> int:
     Each gets SIGTERM and STOP_SECONDS to exit, then SIGKILL: Ctrl-C always ends
     the viewer. Returns the last child's exit status.
     """
+    from mnist_mlops.processes import stop_all
+
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    for child in children:
-        try:
-            child.wait(timeout=STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    stop_all([child for child in children if child.poll() is None], STOP_SECONDS)
     return children[-1].returncode
 
 
