@@ -123,7 +123,10 @@ def logged_rows() -> float:
 
 def team_env(postgres) -> dict:
     """What the team page's first block exports (its `…` are a user's own passwords)."""
-    command, env, _password = tracking_server(postgres, "mlflow", "mlflow-team-artifacts", 5001)
+    # A database of its own: the team tests on this session's cluster use `mlflow`.
+    command, env, _password = tracking_server(
+        postgres, "mlflow_tour", "mlflow-team-artifacts", 5001
+    )
     return {
         "MLFLOW_TRACKING_ADMIN_PASSWORD": env["MLFLOW_TRACKING_ADMIN_PASSWORD"],
         "MNIST_TEAM_POSTGRES_ADMIN_URI": command[command.index("--admin-uri") + 1],

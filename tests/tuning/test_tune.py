@@ -22,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from mnist_mlops.config import flatten
-from mnist_mlops.team.server import optuna_database_uri, prepare_postgres
+from mnist_mlops.team.server import TeamServerError, optuna_database_uri, prepare_postgres
 from mnist_mlops.tuning import search
 
 from ..conftest import (
@@ -250,6 +250,11 @@ def test_workers_on_postgresql_share_one_study_through_a_database_restart(tuning
     admin_uri, port = postgres
     backend = f"postgresql://mlflow_tune:{secrets.token_hex(8)}@127.0.0.1:{port}/tune"
     prepare_postgres(admin_uri, backend)
+    # The role exists now and keeps its password: another one is refused in one line.
+    with pytest.raises(
+        TeamServerError, match="refuses the backend store URI's login as 'mlflow_tune'"
+    ):
+        prepare_postgres(admin_uri, backend.replace("mlflow_tune:", "mlflow_tune:x"))
     storage = optuna_database_uri(backend)
     assert storage.endswith("/tune_optuna")
     workers = start_workers(project, env, 2, "team", "--trials", "6", "--storage", storage, *SHORT)

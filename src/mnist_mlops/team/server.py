@@ -103,6 +103,26 @@ def prepare_postgres(admin_uri: str, backend_store_uri: str) -> None:
                 )
     finally:
         connection.close()
+    check_login(backend_store_uri, role)
+
+
+def check_login(backend_store_uri: str, role: str) -> None:
+    """TeamServerError in one line if the backend's role cannot log in with its password.
+
+    An existing role keeps its password (this never changes a teammate's), so
+    a URI with another one fails here, not in a traceback from every worker.
+    """
+    import psycopg2
+
+    parts = urllib.parse.urlsplit(backend_store_uri)
+    try:
+        psycopg2.connect(urllib.parse.urlunsplit(parts._replace(scheme="postgresql"))).close()
+    except psycopg2.OperationalError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise TeamServerError(
+            f"PostgreSQL refuses the backend store URI's login as {role!r} ({reason}); "
+            "an existing role keeps its password: use that one, or change it with ALTER ROLE"
+        ) from None
 
 
 def auth_config(backend_store_uri: str, password: str) -> str:
