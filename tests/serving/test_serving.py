@@ -339,3 +339,130 @@ def test_predict_client_explains_a_connection_error_in_one_line(tmp_path):
         f"mnist-mlops predict: cannot reach the model server at {url} "
         "([Errno 111] Connection refused); start it with `make serve`"
     ]
+
+
+def golden_requests(images: np.ndarray, count: int) -> list[tuple[str, bytes, bool]]:
+    """`count` (content type, body, for the hot path) in every accepted format, some bad.
+
+    Every tenth is one the hot path leaves to MLflow's app: bad, or with `params` or `index`.
+    """
+    rng = np.random.default_rng(7)
+    json_types = (
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+    )
+    bad = [
+        ("application/json", image_body(value=256).encode(), False),
+        ("application/json", image_body(shape=(28, 27)).encode(), False),
+        ("application/json", image_body(count=MAX_BATCH + 1).encode(), False),
+        ("application/json", json.dumps({"inputs": [[["x"] * 28] * 28]}).encode(), False),
+        ("application/json", json.dumps({"inputs": []}).encode(), False),
+        ("application/json", b'{"inputs": [[[1, 2', False),
+        ("application/json", b'{"inputs": [[' + b"[NaN]," * 27 + b"[NaN]]]}", False),
+        ("application/json", json.dumps({"wrong_key": [1]}).encode(), False),
+        (
+            "application/json",
+            json.dumps({"inputs": [[[0] * 28] * 28], "params": {}}).encode(),
+            False,
+        ),
+        (
+            "application/json",
+            json.dumps({"dataframe_split": {"data": [[[0] * 784]], "index": [0]}}).encode(),
+            False,
+        ),
+        (
+            "application/json",
+            json.dumps({"dataframe_records": [{"a": [0] * 784}, {"b": [0] * 784}]}).encode(),
+            False,
+        ),
+        ("application/json; charset=latin-1", image_body().encode(), False),
+        ("text/csv", b"a,b\n1,2\n", False),
+    ]
+    requests = []
+    for number in range(count):
+        if number % 10 == 9:
+            requests.append(bad[(number // 10) % len(bad)])
+            continue
+        batch = images[rng.integers(len(images), size=int(rng.integers(1, 5)))]
+        pixels = batch.tolist() if number % 3 else (batch * 0.997).round(3).tolist()
+        flat = [np.asarray(image).reshape(-1).tolist() for image in pixels]
+        kind = number % 5
+        if kind in (0, 1):
+            body = {("inputs", "instances")[kind]: pixels}
+        elif kind == 2:
+            body = {"dataframe_split": {"columns": ["image"], "data": [[row] for row in flat]}}
+        elif kind == 3:
+            body = {"dataframe_split": {"data": [[row] for row in flat]}}
+        else:
+            body = {"dataframe_records": [{"image": row} for row in flat]}
+        requests.append((json_types[number % 3], json.dumps(body).encode(), True))
+    return requests
+
+
+async def asgi_post(app, content_type: str, body: bytes) -> tuple[int, bytes]:
+    """POST /invocations to an ASGI app in this process: its status and body."""
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/invocations",
+        "raw_path": b"/invocations",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "server": ("127.0.0.1", 5000),
+        "client": ("127.0.0.1", 1),
+    }
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    answer: dict = {"body": b""}
+
+    async def receive():
+        return pending.pop() if pending else {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"] = message["status"]
+        else:
+            answer["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return answer["status"], answer["body"]
+
+
+def test_the_hot_path_answers_byte_for_byte_as_mlflows_app(store, in_process):
+    """1,000 requests in every format, some bad: the same status and body from both paths."""
+    import asyncio
+
+    from mnist_mlops.serving.observed import Serving, observe
+    from mnist_mlops.serving.server import load_version
+
+    _uri, images = store
+    app, model, served = load_version(CHAMPION_URI)
+    fast = observe(app, model, served, metrics=False, log_settings=None)
+    assert fast.current.hot is not None
+    slow = observe(app, model, served, metrics=False, log_settings=None)
+    slow.current = Serving(app, served, None)
+    requests = golden_requests(images, 1000)
+
+    async def both():
+        return [
+            (await asgi_post(fast, kind, body), await asgi_post(slow, kind, body))
+            for kind, body, _hot in requests
+        ]
+
+    answers = asyncio.run(both())
+    for (kind, body, hot), (fast_answer, slow_answer) in zip(requests, answers, strict=True):
+        assert fast_answer == slow_answer, (kind, body[:200])
+        assert (fast.current.hot.answer(kind, body) is not None) == hot, (kind, body[:200])
+        if hot:
+            assert fast_answer[0] == 200, fast_answer
+        elif b'"params"' not in body and b'"index"' not in body:  # MLflow's app takes these
+            assert 400 <= fast_answer[0] < 500 and b"stack_trace" not in fast_answer[1], fast_answer
+    assert sum(hot for _kind, _body, hot in requests) == 900

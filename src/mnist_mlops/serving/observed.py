@@ -41,6 +41,7 @@ from mnist_mlops.serving.exchange import (
 )
 from mnist_mlops.serving.feedback import FeedbackDesk
 from mnist_mlops.serving.guard import body_limit, refusal
+from mnist_mlops.serving.hotpath import INLINE_BODY_BYTES, HotPath, hot_path_of
 
 # A model logged without its own limit: the classifier's default.
 DEFAULT_MAX_BATCH_SIZE = 1024
@@ -83,7 +84,7 @@ def observe(app, model, served, metrics: bool, log_settings):
         )
         index = RequestIndex(log_settings.directory)
     _wrap_predict(model)
-    return ObservedApp(Serving(app, served), model, server_metrics, log, index)
+    return ObservedApp(Serving(app, served, hot_path_of(model)), model, server_metrics, log, index)
 
 
 def _wrap_predict(model) -> None:
@@ -105,10 +106,11 @@ def _ignore(_rows: int) -> None:
 
 @dataclass(frozen=True)
 class Serving:
-    """The scoring app and what it serves: replaced as one, by one assignment, on a swap."""
+    """The scoring app, its hot path and what it serves: replaced as one, on a swap."""
 
     app: object
     served: object
+    hot: HotPath | None = None
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -130,7 +132,7 @@ class ObservedApp:
         self.max_batch_size = max_batch_size_of(model)
         if self.metrics is not None:
             self.metrics.now_serving(served)
-        self.current = Serving(app, served)
+        self.current = Serving(app, served, hot_path_of(model))
 
     def refused(self) -> None:
         if self.metrics is not None:
@@ -185,7 +187,7 @@ class ObservedApp:
             elif path == "/feedback":
                 await self._feedback(scope, receive, answer)
             elif path == "/invocations" and scope["method"] == "POST":
-                await self._invocations(scope, receive, answer, current.app)
+                await self._invocations(scope, receive, answer, current)
             else:
                 await current.app(scope, receive, answer)
             if held:
@@ -209,8 +211,11 @@ class ObservedApp:
             if self.metrics is not None:
                 self.metrics.request(path, status, time.perf_counter() - started)
 
-    async def _invocations(self, scope, receive, answer, app) -> None:
-        """Refuse what cannot be a batch within the limit from the raw body; else score it."""
+    async def _invocations(self, scope, receive, answer, current: Serving) -> None:
+        """Refuse what cannot be a batch within the limit from the raw body; else score it.
+
+        On the hot path when it takes the request (hotpath.py), else in MLflow's app.
+        """
         limit = body_limit(self.max_batch_size)
         body = await read_body(receive, limit, content_length(scope))
         if body is None:
@@ -224,7 +229,16 @@ class ObservedApp:
         if problem:
             await respond_error(answer, 400, "INVALID_PARAMETER_VALUE", problem)
             return
-        await app(scope, replay(body, receive), answer)
+        if current.hot is not None:
+            content_type = header(scope, b"content-type")
+            if len(body) <= INLINE_BODY_BYTES:
+                reply = current.hot.answer(content_type, body)
+            else:
+                reply = await asyncio.to_thread(current.hot.answer, content_type, body)
+            if reply is not None:
+                await respond(answer, 200, reply)
+                return
+        await current.app(scope, replay(body, receive), answer)
 
     def _answered(self, request_id: str, client_id: str, answers: list, version: str) -> None:
         for images, predictions in answers:
