@@ -547,20 +547,24 @@ def command_lines() -> str:
     return "\n".join(lines)
 
 
-def listener_of(port: int) -> int:
-    """The pid of the process that listens on 127.0.0.1:`port`."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and ("127.0.0.1", port) in tcp_sockets({int(entry.name)}, True):
-            return int(entry.name)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+def listeners_of(port: int) -> list[int]:
+    """The pids of the processes that listen on 127.0.0.1:`port` (a server's workers share it)."""
+    pids = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and ("127.0.0.1", port) in tcp_sockets({int(entry.name)}, True)
+    ]
+    assert pids, f"nothing listens on 127.0.0.1:{port}"
+    return pids
 
 
-def resident_megabytes(pid: int) -> float:
-    """What the process holds in memory now (VmRSS), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
+def resident_megabytes(pids: list[int]) -> float:
+    """What the processes hold in memory now (VmRSS summed), in MiB."""
+    total = 0
+    for pid in pids:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        total += next(int(line.split()[1]) for line in lines if line.startswith("VmRSS:"))
+    return total / 1024
 
 
 # The slow tests' one shared `dvc repro` on the real MNIST (it imports from this module).

@@ -19,7 +19,7 @@ from mnist_mlops.monitoring.log_files import read_feedback
 
 from ..conftest import (
     free_port,
-    listener_of,
+    listeners_of,
     resident_megabytes,
     serving,
     subprocess_env,
@@ -41,7 +41,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    """A server of the champion with its inference log: its URL, pid, log folder and output."""
+    """A server of the champion with its inference log: its URL, pids, log folder and output."""
     directory, uri, _images = store
     folder = tmp_path_factory.mktemp("hostile")
     port = free_port()
@@ -49,7 +49,7 @@ def server(store, tmp_path_factory):
     output = folder / "server.out"
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     with serving(command, env, f"http://127.0.0.1:{port}", "/ping", directory, log=output) as url:
-        yield url, listener_of(port), folder / "log", output
+        yield url, listeners_of(port), folder / "log", output
 
 
 def post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
@@ -65,11 +65,11 @@ def post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
 
 def refused_cheaply(server, body: bytes, content_type: str) -> tuple[int, dict]:
     """Send a hostile body; the answer, after checking that memory came back."""
-    url, pid, _log, _output = server
+    url, pids, _log, _output = server
     post(url, json.dumps({"inputs": [[[0] * 28] * 28]}).encode(), "application/json")  # warm
-    before = resident_megabytes(pid)
+    before = resident_megabytes(pids)
     status, answer = post(url, body, content_type)
-    assert resident_megabytes(pid) - before < MEMORY_MARGIN_MB
+    assert resident_megabytes(pids) - before < MEMORY_MARGIN_MB
     assert "stack_trace" not in answer
     return status, answer
 
@@ -115,7 +115,7 @@ def test_rows_over_the_limit_are_refused_before_the_body_is_parsed(server):
 
 
 def test_bad_bodies_get_json_without_a_stack_and_one_log_line(server):
-    url, _pid, _log, output = server
+    url, _pids, _log, output = server
     before = output.read_text()
     status, answer = refused_cheaply(server, b"1,2,3\n4,5,6\n", "text/csv")
     assert status == 400 and answer["error_code"] and answer["message"]
@@ -132,7 +132,7 @@ def test_bad_bodies_get_json_without_a_stack_and_one_log_line(server):
 
 
 def test_one_clients_request_id_cannot_take_anothers_feedback(server, store):
-    url, _pid, log_dir, _output = server
+    url, _pids, log_dir, _output = server
     images = store[2]
     first, _ = predict(url, images[:3], request_id="shared-id")
     second, _ = predict(url, images[3:4], request_id="shared-id")

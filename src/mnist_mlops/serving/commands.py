@@ -31,6 +31,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="port (%(default)s; MNIST_SERVE_PORT sets the default)",
     )
     serving.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("MNIST_SERVE_WORKERS", len(os.sched_getaffinity(0)))),
+        help="server processes on the port, each with its own copy of the model "
+        "(%(default)s: one per core; MNIST_SERVE_WORKERS sets the default)",
+    )
+    serving.add_argument(
         "--no-metrics", action="store_true", help="serve no Prometheus metrics at /metrics"
     )
     serving.add_argument(
@@ -157,10 +164,16 @@ def serve(arguments: argparse.Namespace) -> int:
     if arguments.follow_seconds < 0:
         print("mnist-mlops serve: --follow-seconds must be 0 or more", file=sys.stderr)
         return 2
+    if arguments.workers < 1:
+        print("mnist-mlops serve: --workers must be 1 or more", file=sys.stderr)
+        return 2
     observation = Observation(metrics=not arguments.no_metrics, log=log)
-    return run_server(
-        arguments.model_uri, arguments.host, arguments.port, observation, arguments.follow_seconds
-    )
+    where = (arguments.model_uri, arguments.host, arguments.port)
+    if arguments.workers > 1:
+        from mnist_mlops.serving.workers import supervise
+
+        return supervise(*where, observation, arguments.follow_seconds, arguments.workers)
+    return run_server(*where, observation, arguments.follow_seconds)
 
 
 def predict(arguments: argparse.Namespace) -> int:

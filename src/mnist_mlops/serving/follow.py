@@ -13,15 +13,21 @@ not tried again (a new version is).
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 KNOWN_DIGITS_ARTIFACT = "serving/known_digits.npz"
+# The workers of one server (workers.py) announce a swap in a file that the
+# others look at this often, so that they all follow within one load.
+HINT_SECONDS = 0.5
+ANNOUNCED_FILE = "announced-version"
 
 
 def known_digits(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -92,8 +98,11 @@ class Follower:
         load: Callable[[str], tuple],
         swap: Callable[[tuple], None],
         refused: Callable[[], None],
+        siblings: str = "",
     ) -> None:
         self.name, self.alias, self.interval = name, alias, interval
+        # The folder where the workers of one server announce what they swapped to.
+        self.siblings = siblings
         self.served_version, self.load, self.swap, self.refused = (
             served_version,
             load,
@@ -112,8 +121,14 @@ class Follower:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.check()
+        due = time.monotonic() + self.interval
+        step = min(self.interval, HINT_SECONDS) if self.siblings else self.interval
+        while not self._stop.wait(step):
+            hint = announced(self.siblings) if self.siblings else ""
+            news = hint and hint != self.served_version() and hint not in self._refused
+            if news or time.monotonic() >= due:
+                self.check()
+                due = time.monotonic() + self.interval
 
     def check(self) -> str:
         """Look once; return what happened: same, swapped, refused, skipped or unreachable."""
@@ -142,8 +157,25 @@ class Follower:
             _say(f"refused {self.name} v{version}, still serving v{current}: {_first_line(error)}")
             return "refused"
         self.swap(loaded)
+        if self.siblings:
+            announce(self.siblings, version)
         _say(f"now serving {self.name} v{version} (was v{current}; checked on {checked})")
         return "swapped"
+
+
+def announce(folder: str, version: str) -> None:
+    """Tell the other workers that `version` is served now (atomically: they read it any time)."""
+    path = Path(folder) / ANNOUNCED_FILE
+    temporary = path.with_suffix(f".{os.getpid()}")
+    temporary.write_text(version)
+    temporary.replace(path)
+
+
+def announced(folder: str) -> str:
+    try:
+        return (Path(folder) / ANNOUNCED_FILE).read_text()
+    except OSError:
+        return ""
 
 
 def _first_line(error: Exception) -> str:

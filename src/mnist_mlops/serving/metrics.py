@@ -1,13 +1,20 @@
 """The model server's Prometheus metrics, served at `/metrics` on its own port.
 
-One registry per server process: requests by path and status, their
-latency, the digits predicted, the top probability of each answer, the
-inference log's rows written and dropped, and which model is served.
-Prometheus scrapes each replica; its own functions add them up.
+Requests by path and status, their latency, the digits predicted, the top
+probability of each answer, the inference log's rows written and dropped,
+and which model is served. Prometheus scrapes each replica; its own
+functions add them up.
+
+The worker processes of one server (workers.py) keep their values in
+prometheus_client's multiprocess mode, in the folder PROMETHEUS_MULTIPROC_DIR
+names, and each one's `/metrics` sums them all, so one server reads as one:
+`mnist_serving_worker_processes` says how many answer, and the per-process
+`process_*` metrics are left out (they would describe one worker at random).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 # Paths the server answers; any other path is counted as "other", so a
@@ -15,6 +22,7 @@ from dataclasses import dataclass
 KNOWN_PATHS = ("/invocations", "/ping", "/health", "/version", "/feedback", "/metrics")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PROBABILITY_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+INFO_LABELS = ("name", "version", "run_id", "runtime", "uri")
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class ServerMetrics:
         from prometheus_client import (
             CollectorRegistry,
             Counter,
+            Gauge,
             Histogram,
             Info,
             PlatformCollector,
@@ -40,8 +49,10 @@ class ServerMetrics:
         )
 
         self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if not self.multiprocess:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         prefix = "mnist_serving"
         self.requests = Counter(
             f"{prefix}_requests",
@@ -84,7 +95,25 @@ class ServerMetrics:
             ["outcome"],
             registry=self.registry,
         )
-        self.model = Info(f"{prefix}_model", "The model this server serves", registry=self.registry)
+        if self.multiprocess:
+            self.model = Gauge(
+                f"{prefix}_model_info",
+                "The model this server serves",
+                INFO_LABELS,
+                registry=self.registry,
+                multiprocess_mode="livemax",
+            )
+            Gauge(
+                f"{prefix}_worker_processes",
+                "The server's worker processes that answer",
+                registry=self.registry,
+                multiprocess_mode="livesum",
+            ).set(1)
+        else:
+            self.model = Info(
+                f"{prefix}_model", "The model this server serves", registry=self.registry
+            )
+        self._described: dict[str, str] | None = None
         self._describe(model)
         self.swaps = Counter(
             f"{prefix}_model_swaps",
@@ -103,15 +132,14 @@ class ServerMetrics:
         self._describe(model)
 
     def _describe(self, model: ServedModel) -> None:
-        self.model.info(
-            {
-                "name": model.name,
-                "version": model.version,
-                "run_id": model.run_id,
-                "runtime": model.runtime,
-                "uri": model.uri,
-            }
-        )
+        described = {label: getattr(model, label) for label in INFO_LABELS}
+        if not self.multiprocess:
+            self.model.info(described)
+            return
+        if self._described is not None:
+            self.model.labels(**self._described).set(0)
+        self.model.labels(**described).set(1)
+        self._described = described
 
     def request(self, path: str, status: int, seconds: float) -> None:
         label = path if path in KNOWN_PATHS else "other"
@@ -132,6 +160,11 @@ class ServerMetrics:
             self.top_probability.observe(max(prediction["probabilities"]))
 
     def exposition(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker)
+        return generate_latest(every_worker), CONTENT_TYPE_LATEST

@@ -178,6 +178,7 @@ def start_replicas(ports: list[int]) -> list[subprocess.Popen]:
     """`mnist-mlops serve` on each port (127.0.0.1), once every one answers /ping.
 
     They are the proxy's children: they stop with it, killed outright included.
+    Each is one process (`--workers 1`): the replicas are the processes.
     """
     replicas = []
     for port in ports:
@@ -185,6 +186,7 @@ def start_replicas(ports: list[int]) -> list[subprocess.Popen]:
             stop_all(replicas, timeout=10)
             raise ProxyError(f"cannot start a replica on 127.0.0.1:{port}: {problem}")
         command = [sys.executable, "-m", "mnist_mlops", "serve", "--host", "127.0.0.1"]
+        command += ["--workers", "1"]
         replicas.append(
             subprocess.Popen([*command, "--port", str(port)], preexec_fn=stop_with_parent)
         )

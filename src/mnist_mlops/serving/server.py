@@ -40,11 +40,17 @@ class Observation:
     log: LogSettings | None = None
 
 
-def load_app(model_uri: str, observation: Observation = Observation(), follow_seconds: float = 0):
+def load_app(
+    model_uri: str,
+    observation: Observation = Observation(),
+    follow_seconds: float = 0,
+    siblings: str = "",
+):
     """MLflow's scoring-server app around the model at `model_uri`, observed as asked.
 
     With `follow_seconds` and a `models:/NAME@ALIAS` URI, the app follows the
     alias (follow.py): it checks it that often and swaps a new version in.
+    `siblings` is the folder where the workers of one server announce swaps.
     """
     database = project_root() / MLFLOW_DB_NAME
     from_the_store = model_uri.startswith(("models:/", "runs:/"))
@@ -56,6 +62,9 @@ def load_app(model_uri: str, observation: Observation = Observation(), follow_se
             )
         check_writable(database)
     os.environ.setdefault(TRACKING_URI_ENV, tracking_uri())
+    # One ONNX Runtime thread per request: with one per core, a single image
+    # waited on the pool's hand-off, and concurrent requests fought over the cores.
+    os.environ.setdefault("MNIST_ONNX_THREADS", "1")
     from mlflow.exceptions import MlflowException
 
     try:
@@ -81,6 +90,7 @@ def load_app(model_uri: str, observation: Observation = Observation(), follow_se
             load=lambda version: load_version(f"models:/{name}/{version}", model_uri),
             swap=lambda loaded: observed.swap(*loaded),
             refused=observed.refused,
+            siblings=siblings,
         )
         observed.follower = follower
         follower.start()
@@ -158,12 +168,14 @@ def import_server_modules() -> None:
         "mlflow.store.model_registry.sqlalchemy_store",
         "mlflow.store.db.utils",
         "onnxruntime",
+        "orjson",
         "pandas",
         "prometheus_client",
+        "mnist_mlops.serving.hotpath",
         "uvicorn.main",
         "uvicorn.lifespan.on",
-        "uvicorn.loops.asyncio",
-        "uvicorn.protocols.http.h11_impl",
+        "uvicorn.loops.uvloop",
+        "uvicorn.protocols.http.httptools_impl",
         "uvicorn.protocols.websockets.auto",
     ):
         importlib.import_module(name)
@@ -176,7 +188,10 @@ def serve(
     observation: Observation = Observation(),
     follow_seconds: float = 0,
 ) -> int:
-    """Serve `model_uri` on host:port until SIGINT or SIGTERM; return the exit status."""
+    """Serve `model_uri` on host:port in this process until SIGINT or SIGTERM; return the status.
+
+    (workers.py runs several processes on one port.)
+    """
     import uvicorn
 
     from mnist_mlops.processes import port_taken

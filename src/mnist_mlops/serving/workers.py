@@ -1,0 +1,217 @@
+"""`mnist-mlops serve --workers N`: N server processes on one port, so that every core answers.
+
+One process answers on one core: the event loop and the model share one
+GIL. This process (the supervisor) binds the port, starts one worker, and
+starts the others once the first answers, so that the first answer comes
+as soon as with one process, and a model that cannot be loaded is reported
+once. The workers share the listening socket: the kernel hands each
+connection to one of them. Each is a whole server (server.py): its own
+model and ONNX session, the hot path, its own part of the inference log (as
+replicas write theirs), and a follower of the alias. Besides:
+
+- metrics in prometheus_client's multiprocess mode, in a private folder of
+  the supervisor's, so that `/metrics` from any worker reads as one server
+  (the counters of a worker that died stay counted);
+- a swap announced to the others through a file in that folder: a worker
+  that sees a version announced looks at the alias at once, so all of them
+  serve the new version within one load of the first (follow.HINT_SECONDS
+  plus a load, 1–3 s here), not one follow interval apart;
+- a worker that dies is replaced (no more than once per RESTART_SECONDS);
+- SIGINT or SIGTERM goes to every worker, each finishes its requests in
+  flight, and the folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from mnist_mlops.processes import port_taken, stop_all, stop_with_parent
+
+WORKER_ENV = "MNIST_SERVE_WORKER"
+MODULE = "mnist_mlops.serving.workers"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A worker that exits with this status before it answered could not load the model.
+STARTUP_FAILED = 1
+RESTART_SECONDS = 1.0
+STOP_SECONDS = 30.0
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def supervise(
+    model_uri: str, host: str, port: int, observation, follow_seconds: float, workers: int
+) -> int:
+    """Serve with `workers` processes until SIGINT or SIGTERM; return the exit status."""
+    if taken := port_taken(host, port, "make serve PORT=…, or --port"):
+        print(f"mnist-mlops serve: {taken}", file=sys.stderr)
+        return 1
+    # Bound here, listening from the first worker's start (asyncio listens on a
+    # socket it is given): until a worker answers, a connection is refused, as
+    # with one process, rather than left waiting.
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        print(
+            f"mnist-mlops serve: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr
+        )
+        return 1
+    listener.set_inheritable(True)
+    # Private to this user; gone with the supervisor.
+    folder = Path(tempfile.mkdtemp(prefix="mnist-serve-"))
+    spec = {
+        "model_uri": model_uri,
+        "metrics": observation.metrics,
+        "log": None
+        if observation.log is None
+        else {**asdict(observation.log), "directory": str(observation.log.directory)},
+        "follow_seconds": follow_seconds,
+        "folder": str(folder),
+        "socket": listener.fileno(),
+    }
+    pool = Pool(spec, workers)
+    stopping: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    try:
+        if not pool.start_first(stopping):
+            return STARTUP_FAILED if not stopping else 0
+        print(
+            f"mnist-mlops serve: {model_uri} on http://{host}:{port}, {workers} worker processes",
+            flush=True,
+        )
+        pool.start_rest()
+        while not stopping:
+            pool.replace_dead()
+            time.sleep(0.2)
+    finally:
+        listener.close()
+        pool.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    signal.signal(stopping[0], signal.SIG_DFL)
+    os.kill(os.getpid(), stopping[0])  # ends by the signal, as uvicorn does with one process
+    return 0
+
+
+class Pool:
+    """The worker processes, by slot."""
+
+    def __init__(self, spec: dict, size: int) -> None:
+        self.spec, self.size = spec, size
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.started: dict[int, float] = {}
+
+    def start(self, slot: int, ready: int | None = None) -> subprocess.Popen:
+        env = {**os.environ, WORKER_ENV: json.dumps({**self.spec, "slot": slot, "ready": ready})}
+        env[MULTIPROCESS_ENV] = self.spec["folder"]
+        keep = [self.spec["socket"]] + ([ready] if ready is not None else [])
+        # A process group of its own: a terminal's Ctrl-C reaches the supervisor alone,
+        # which stops each worker once; a supervisor killed outright takes them along.
+        process = subprocess.Popen(
+            # The supervisor's own interpreter options (-X importtime, …), as multiprocessing does.
+            [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", MODULE],
+            env=env,
+            pass_fds=keep,
+            process_group=0,
+            preexec_fn=stop_with_parent,
+        )
+        self.processes[slot], self.started[slot] = process, time.monotonic()
+        return process
+
+    def start_first(self, stopping: list) -> bool:
+        """Start worker 0 and wait until it answers; False if it could not start."""
+        read, write = os.pipe()
+        process = self.start(0, write)
+        os.close(write)
+        try:
+            while not stopping:
+                readable, _, _ = select.select([read], [], [], 0.2)
+                if readable:
+                    return os.read(read, 1) == b"r"
+                if process.poll() is not None:
+                    return False
+            return False
+        finally:
+            os.close(read)
+
+    def start_rest(self) -> None:
+        for slot in range(1, self.size):
+            self.start(slot)
+
+    def replace_dead(self) -> None:
+        for slot, process in list(self.processes.items()):
+            status = process.poll()
+            if status is None or time.monotonic() - self.started[slot] < RESTART_SECONDS:
+                continue
+            self._forget(process)
+            how = f"signal {-status}" if status < 0 else f"status {status}"
+            line = f"worker {slot} (pid {process.pid}) ended ({how}); starting another"
+            print(f"mnist-mlops serve: {line}", file=sys.stderr, flush=True)
+            self.start(slot)
+
+    def stop(self) -> None:
+        stop_all(list(self.processes.values()), STOP_SECONDS)
+        for process in self.processes.values():
+            self._forget(process)
+
+    def _forget(self, process: subprocess.Popen) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(process.pid, self.spec["folder"])
+
+
+def run_worker() -> int:
+    """One worker: load the model, then answer on the supervisor's socket until a signal."""
+    import uvicorn
+
+    from mnist_mlops.monitoring.inference_log import LogSettings
+    from mnist_mlops.serving.server import Observation, ServeError, load_app
+
+    class ReadyServer(uvicorn.Server):
+        """uvicorn's server, writing one byte to the supervisor's pipe once it answers."""
+
+        def __init__(self, config, ready: int | None) -> None:
+            super().__init__(config)
+            self.ready = ready
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.ready is not None and self.started:
+                os.write(self.ready, b"r")
+                os.close(self.ready)
+                self.ready = None
+
+    spec = json.loads(os.environ.pop(WORKER_ENV))
+    log = spec["log"] and LogSettings(
+        **{**spec["log"], "directory": Path(spec["log"]["directory"])}
+    )
+    observation = Observation(metrics=spec["metrics"], log=log)
+    try:
+        app = load_app(spec["model_uri"], observation, spec["follow_seconds"], spec["folder"])
+    except ServeError as error:
+        print(f"mnist-mlops serve: {error}", file=sys.stderr)
+        return STARTUP_FAILED
+    listener = socket.socket(fileno=spec["socket"])
+    ReadyServer(uvicorn.Config(app, log_level="info"), spec["ready"]).run(sockets=[listener])
+    app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_worker())
