@@ -5,6 +5,7 @@ stages on tiny data, on 127.0.0.1.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from mnist_mlops.monitoring.features import image_features
 from mnist_mlops.monitoring.inference_log import REQUEST_ID
 from mnist_mlops.monitoring.log_files import log_files, read_feedback, read_rows
 
-from ..conftest import free_port, run, serving, subprocess_env, train_champion
+from ..conftest import free_port, listeners_of, run, serving, subprocess_env, train_champion
 
 MAX_BATCH = 8
 
@@ -341,3 +342,139 @@ def start_server(store, log_dir: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     process.kill()
     pytest.fail(f"{url} did not answer within 120 s")
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    """The pids of a server's worker processes: the supervisor's children."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return {int(pid) for pid in children}
+
+
+def writers_of(log_dir: Path) -> set[str]:
+    """The pids that wrote the inference log's row files (`rows-HOST.PID.…`)."""
+    return {path.name.split("-", 1)[1].split(".")[1] for path in log_files(log_dir, "rows")}
+
+
+class Clients:
+    """8 threads sending 2 images per request until stopped or refused; the ids answered."""
+
+    def __init__(self, url: str, images: np.ndarray) -> None:
+        self.url, self.images, self.ids = url, images, []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send) for _ in range(8)]
+        for thread in self.threads:
+            thread.start()
+
+    def _send(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.ids.append(predict(self.url, self.images[:2])[0])
+            except OSError:  # the server stopped taking connections
+                return
+
+    def join(self) -> list[str]:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+        return self.ids
+
+
+@pytest.mark.heavy
+def test_workers_count_and_log_every_request_once_and_sigterm_drains_them_all(store, tmp_path):
+    directory, uri, images = store
+    log_dir, port = tmp_path / "log", free_port()
+    process = subprocess.Popen(
+        serve_command(port, log_dir, "--workers", "2"),
+        cwd=directory,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while (workers := _worker_count(url)) != 2:
+            assert process.poll() is None and time.monotonic() < deadline, workers
+            time.sleep(0.2)
+        (folder,) = {_metrics_folder(pid) for pid in worker_pids(process.pid)}
+        clients = Clients(url, images)
+        time.sleep(3)
+        answered = clients.join()
+        # Whichever worker answers /metrics, it counts the requests of both (a request is
+        # counted just after its answer has gone: the last ones within moments).
+        key = ("mnist_serving_requests_total", (("path", "/invocations"), ("status", "200")))
+        deadline = time.monotonic() + 30
+        while metrics(url)[key] != len(answered):
+            assert metrics(url)[key] < len(answered) and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert all(metrics(url)[key] == len(answered) for _ in range(4))
+        rows = rows_of(log_dir, set(answered), 2 * len(answered))
+        assert len(rows["request_id"]) == 2 * len(answered)
+        assert len(writers_of(log_dir)) == 2  # both workers answered, each into its own files
+
+        # SIGTERM with requests in flight: every answered request is in the log, once.
+        workers = worker_pids(process.pid)
+        clients = Clients(url, images)
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == -signal.SIGTERM
+        in_flight = clients.join()
+    finally:
+        process.kill()
+    rows = read_rows(log_dir)
+    ids, counts = np.unique(rows["request_id"], return_counts=True)
+    assert set(ids) == set(answered) | set(in_flight) and set(counts) == {2}
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    assert not Path(folder).exists()
+
+
+def _worker_count(url: str) -> float:
+    try:
+        return metrics(url).get(("mnist_serving_worker_processes", ()), 0)
+    except OSError:
+        return 0
+
+
+def _metrics_folder(pid: int) -> str:
+    environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    (entry,) = [item for item in environment if item.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    return entry.split(b"=", 1)[1].decode()
+
+
+@pytest.mark.heavy
+def test_a_worker_that_dies_is_replaced_and_its_counts_are_kept(store, tmp_path):
+    directory, uri, images = store
+    port = free_port()
+    command = serve_command(port, tmp_path / "log", "--workers", "2")
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    output = tmp_path / "server.out"
+    with serving(command, env, f"http://127.0.0.1:{port}", "/ping", directory, log=output) as url:
+        wait = time.monotonic() + 120
+        while _worker_count(url) != 2:
+            assert time.monotonic() < wait
+            time.sleep(0.2)
+        for _ in range(20):
+            predict(url, images[:1])
+        (supervisor,) = [
+            pid
+            for pid in listeners_of(port)
+            if b"mnist_mlops.serving.workers" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        before = worker_pids(supervisor)
+        killed = min(before)
+        os.kill(killed, signal.SIGKILL)
+        wait = time.monotonic() + 120
+        while not (len(worker_pids(supervisor)) == 2 and killed not in worker_pids(supervisor)):
+            assert time.monotonic() < wait
+            time.sleep(0.2)
+        while _worker_count(url) != 2:
+            assert time.monotonic() < wait
+            time.sleep(0.2)
+        for _ in range(20):
+            predict(url, images[:1])
+        key = ("mnist_serving_requests_total", (("path", "/invocations"), ("status", "200")))
+        deadline = time.monotonic() + 30
+        while metrics(url)[key] != 40:  # the dead worker's answers still counted
+            assert metrics(url)[key] < 40 and time.monotonic() < deadline
+            time.sleep(0.2)
+    assert f"(pid {killed}) ended (signal 9); starting another" in output.read_text()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 from mnist_mlops.monitoring.inference_log import REQUEST_ID
 from mnist_mlops.serving.exchange import error_body, issued_at, read_body
@@ -26,13 +28,65 @@ RECENT_REQUESTS = 100_000
 LOGGED_WITHIN_SECONDS = 5.0
 
 
+class Seen:
+    """The requests whose feedback this process recorded (the last RECENT_REQUESTS)."""
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def claim(self, request_id: str) -> bool:
+        """True if no feedback for `request_id` was recorded yet; it is now taken."""
+        if request_id in self._seen:
+            return False
+        self._seen[request_id] = None
+        if len(self._seen) > RECENT_REQUESTS:
+            self._seen.popitem(last=False)
+        return True
+
+    def release(self, request_id: str) -> None:
+        self._seen.pop(request_id, None)
+
+
+class SharedSeen(Seen):
+    """The same for every worker of one server: a SQLite table in the workers' private folder.
+
+    A claim is one INSERT OR IGNORE, so two workers given the same feedback at
+    once record it once. The table is the folder's, gone with the server.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self._database = sqlite3.connect(
+            Path(folder) / "feedback-seen.sqlite",
+            timeout=30,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        self._database.execute("PRAGMA journal_mode=WAL")
+        self._database.execute("PRAGMA synchronous=OFF")  # gone with the server anyway
+        self._database.execute("CREATE TABLE IF NOT EXISTS seen (request_id TEXT PRIMARY KEY)")
+
+    def claim(self, request_id: str) -> bool:
+        inserted = self._database.execute(
+            "INSERT OR IGNORE INTO seen VALUES (?)", (request_id,)
+        ).rowcount
+        if inserted:
+            self._database.execute(
+                "DELETE FROM seen WHERE rowid <= (SELECT max(rowid) FROM seen) - ?",
+                (RECENT_REQUESTS,),
+            )
+        return inserted == 1
+
+    def release(self, request_id: str) -> None:
+        self._database.execute("DELETE FROM seen WHERE request_id = ?", (request_id,))
+
+
 class FeedbackDesk:
     """What `/feedback` needs: the requests answered here, the log, and its index."""
 
-    def __init__(self, log, index) -> None:
+    def __init__(self, log, index, siblings: str = "") -> None:
         self.log, self.index = log, index
         self._recent: OrderedDict[str, int] = OrderedDict()
-        self._feedback_seen: OrderedDict[str, None] = OrderedDict()
+        self._feedback_seen = SharedSeen(siblings) if siblings and log is not None else Seen()
         self._index_lock = threading.Lock()
 
     def remember(self, request_id: str, images: int) -> None:
@@ -74,15 +128,13 @@ class FeedbackDesk:
                 "INVALID_PARAMETER_VALUE",
                 f"request {request_id!r} had {images} image(s); got {len(digits)} digit(s)",
             )
-        if request_id in self._feedback_seen:
+        if not self._feedback_seen.claim(request_id):
             return 200, {"request_id": request_id, "recorded": 0, "duplicate": True}
         if not self.log.submit_feedback(request_id, digits):
+            self._feedback_seen.release(request_id)
             return 503, error_body(
                 "TEMPORARILY_UNAVAILABLE", "the inference log is full: try again"
             )
-        self._feedback_seen[request_id] = None
-        if len(self._feedback_seen) > RECENT_REQUESTS:
-            self._feedback_seen.popitem(last=False)
         return 200, {"request_id": request_id, "recorded": len(digits), "duplicate": False}
 
     async def _logged_images(self, request_id: str) -> int | None:

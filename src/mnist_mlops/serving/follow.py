@@ -148,6 +148,7 @@ class Follower:
             return "same"
         if version in self._refused:
             return "skipped"
+        started = time.monotonic()
         try:
             loaded = self.load(version)
             checked = check_answers(loaded[1], wanted.run_id)
@@ -159,7 +160,11 @@ class Follower:
         self.swap(loaded)
         if self.siblings:
             announce(self.siblings, version)
-        _say(f"now serving {self.name} v{version} (was v{current}; checked on {checked})")
+        took = time.monotonic() - started
+        _say(
+            f"now serving {self.name} v{version} (was v{current}; checked on {checked}; "
+            f"loaded in {took:.1f} s)"
+        )
         return "swapped"
 
 

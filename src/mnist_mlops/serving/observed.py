@@ -66,8 +66,11 @@ def record_answers(python_model) -> None:
     python_model.predict = predict
 
 
-def observe(app, model, served, metrics: bool, log_settings):
-    """Wrap the scoring app of `model` with what was asked: metrics, the inference log, or both."""
+def observe(app, model, served, metrics: bool, log_settings, siblings: str = ""):
+    """Wrap the scoring app of `model` with what was asked: metrics, the inference log, or both.
+
+    `siblings` is the private folder of a server's workers (workers.py), when it has several.
+    """
     from mnist_mlops.monitoring.inference_log import InferenceLog
     from mnist_mlops.monitoring.log_files import RequestIndex
     from mnist_mlops.serving.metrics import ServerMetrics
@@ -84,7 +87,8 @@ def observe(app, model, served, metrics: bool, log_settings):
         )
         index = RequestIndex(log_settings.directory)
     _wrap_predict(model)
-    return ObservedApp(Serving(app, served, hot_path_of(model)), model, server_metrics, log, index)
+    hot = hot_path_of(model)
+    return ObservedApp(Serving(app, served, hot), model, server_metrics, log, index, siblings)
 
 
 def _wrap_predict(model) -> None:
@@ -120,10 +124,10 @@ class Serving:
 
 
 class ObservedApp:
-    def __init__(self, current: Serving, model, metrics, log, index) -> None:
+    def __init__(self, current: Serving, model, metrics, log, index, siblings: str = "") -> None:
         self.current, self.metrics, self.log, self.index = current, metrics, log, index
         self.follower = None
-        self.desk = FeedbackDesk(log, index)
+        self.desk = FeedbackDesk(log, index, siblings)
         self.max_batch_size = max_batch_size_of(model)
 
     def swap(self, app, model, served) -> None:
@@ -160,7 +164,15 @@ class ObservedApp:
         answers: list = []
         # An error answer is held until the app is done, then sent without a stack trace.
         held: list = []
-        sent_start = False
+        sent_start = counted = False
+
+        def count() -> None:
+            # Before the answer's last byte leaves: a client that reads /metrics
+            # next, from any worker, finds its request counted.
+            nonlocal counted
+            if not counted and self.metrics is not None:
+                self.metrics.request(path, status, time.perf_counter() - started)
+            counted = True
 
         async def answer(message) -> None:
             nonlocal status, sent_start
@@ -178,6 +190,8 @@ class ObservedApp:
             elif held:
                 held.append(message)  # sent once the app is done: it may yet raise
                 return
+            elif not message.get("more_body"):
+                count()
             await send(message)
 
         token = _ANSWERS.set(answers)
@@ -191,6 +205,7 @@ class ObservedApp:
             else:
                 await current.app(scope, receive, answer)
             if held:
+                count()
                 await send_public(held, send)
         except Exception as error:
             # One line in the log, never a traceback; the client gets JSON, never a stack.
@@ -205,11 +220,11 @@ class ObservedApp:
                 )
                 code = "INVALID_PARAMETER_VALUE" if status == 400 else "INTERNAL_ERROR"
                 await respond_error(answer, status, code, message)
+                count()
                 await send_public(held, send)
         finally:
             _ANSWERS.reset(token)
-            if self.metrics is not None:
-                self.metrics.request(path, status, time.perf_counter() - started)
+            count()
 
     async def _invocations(self, scope, receive, answer, current: Serving) -> None:
         """Refuse what cannot be a batch within the limit from the raw body; else score it.

@@ -79,7 +79,7 @@ def load_app(
     # stack-free error answers live there.
     from mnist_mlops.serving.observed import observe
 
-    observed = observe(app, model, served, observation.metrics, observation.log)
+    observed = observe(app, model, served, observation.metrics, observation.log, siblings)
     if followed is not None:
         name, alias = followed
         follower = Follower(

@@ -75,6 +75,7 @@ def supervise(
     listener.set_inheritable(True)
     # Private to this user; gone with the supervisor.
     folder = Path(tempfile.mkdtemp(prefix="mnist-serve-"))
+    (folder / "metrics").mkdir()
     spec = {
         "model_uri": model_uri,
         "metrics": observation.metrics,
@@ -119,7 +120,7 @@ class Pool:
 
     def start(self, slot: int, ready: int | None = None) -> subprocess.Popen:
         env = {**os.environ, WORKER_ENV: json.dumps({**self.spec, "slot": slot, "ready": ready})}
-        env[MULTIPROCESS_ENV] = self.spec["folder"]
+        env[MULTIPROCESS_ENV] = str(Path(self.spec["folder"]) / "metrics")
         keep = [self.spec["socket"]] + ([ready] if ready is not None else [])
         # A process group of its own: a terminal's Ctrl-C reaches the supervisor alone,
         # which stops each worker once; a supervisor killed outright takes them along.
@@ -173,7 +174,7 @@ class Pool:
     def _forget(self, process: subprocess.Popen) -> None:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(process.pid, self.spec["folder"])
+        multiprocess.mark_process_dead(process.pid, str(Path(self.spec["folder"]) / "metrics"))
 
 
 def run_worker() -> int:
