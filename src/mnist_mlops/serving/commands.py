@@ -41,6 +41,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--no-metrics", action="store_true", help="serve no Prometheus metrics at /metrics"
     )
     serving.add_argument(
+        "--access-log",
+        action="store_true",
+        help="print a line per request (off: /metrics and the inference log count them all)",
+    )
+    serving.add_argument(
         "--log-dir",
         type=Path,
         default=inference_log_dir(),
@@ -167,7 +172,9 @@ def serve(arguments: argparse.Namespace) -> int:
     if arguments.workers < 1:
         print("mnist-mlops serve: --workers must be 1 or more", file=sys.stderr)
         return 2
-    observation = Observation(metrics=not arguments.no_metrics, log=log)
+    observation = Observation(
+        metrics=not arguments.no_metrics, log=log, access_log=arguments.access_log
+    )
     where = (arguments.model_uri, arguments.host, arguments.port)
     if arguments.workers > 1:
         from mnist_mlops.serving.workers import supervise

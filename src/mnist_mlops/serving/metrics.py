@@ -14,8 +14,11 @@ names, and each one's `/metrics` sums them all, so one server reads as one:
 
 from __future__ import annotations
 
+import bisect
 import os
-from dataclasses import dataclass
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 # Paths the server answers; any other path is counted as "other", so a
 # scanner sending random URLs cannot grow the number of series.
@@ -23,6 +26,9 @@ KNOWN_PATHS = ("/invocations", "/ping", "/health", "/version", "/feedback", "/me
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PROBABILITY_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 INFO_LABELS = ("name", "version", "run_id", "runtime", "uri")
+# How often the counts of the requests answered meanwhile reach the metrics
+# (and, with several workers, the folder they share).
+FLUSH_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,21 @@ class ServedModel:
     runtime: str
 
 
+@dataclass
+class Pending:
+    """What the requests answered since the last flush add to the metrics."""
+
+    requests: dict = field(default_factory=lambda: defaultdict(int))
+    latencies: dict = field(default_factory=lambda: defaultdict(list))
+    digits: dict = field(default_factory=lambda: defaultdict(int))
+    top_probabilities: list = field(default_factory=list)
+
+
 class ServerMetrics:
+    """The server's metrics. A request adds to plain counts in memory; a thread moves them
+    into the metrics every FLUSH_SECONDS, and a scrape first: with several workers each
+    metric write is a locked write to a shared file, six a request (19 µs of its ~150)."""
+
     def __init__(self, model: ServedModel) -> None:
         from prometheus_client import (
             CollectorRegistry,
@@ -124,7 +144,10 @@ class ServerMetrics:
         for outcome in ("swapped", "refused"):
             self.swaps.labels(outcome=outcome)
         self._digits = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
-        self._children: dict[tuple[str, int], tuple] = {}
+        self._lock = threading.Lock()
+        self._pending = Pending()
+        self._stop = threading.Event()
+        threading.Thread(target=self._flushing, name="metrics-flush", daemon=True).start()
 
     def now_serving(self, model: ServedModel) -> None:
         """A swap: `model` is served from now on."""
@@ -143,23 +166,38 @@ class ServerMetrics:
 
     def request(self, path: str, status: int, seconds: float) -> None:
         label = path if path in KNOWN_PATHS else "other"
-        # The children are kept: labels() checks and locks on every call.
-        key = (label, status)
-        if key not in self._children:
-            self._children[key] = (
-                self.requests.labels(path=label, status=str(status)),
-                self.latency.labels(path=label),
-            )
-        counter, histogram = self._children[key]
-        counter.inc()
-        histogram.observe(seconds)
+        with self._lock:
+            self._pending.requests[(label, status)] += 1
+            self._pending.latencies[label].append(seconds)
 
     def answered(self, predictions: list[dict]) -> None:
-        for prediction in predictions:
-            self._digits[prediction["digit"]].inc()
-            self.top_probability.observe(max(prediction["probabilities"]))
+        with self._lock:
+            for prediction in predictions:
+                self._pending.digits[prediction["digit"]] += 1
+                self._pending.top_probabilities.append(max(prediction["probabilities"]))
+
+    def flush(self) -> None:
+        """Move the counts of the requests answered since the last flush into the metrics."""
+        with self._lock:
+            pending, self._pending = self._pending, Pending()
+        for (label, status), count in pending.requests.items():
+            self.requests.labels(path=label, status=str(status)).inc(count)
+        for label, seconds in pending.latencies.items():
+            observe_all(self.latency.labels(path=label), seconds)
+        for digit, count in pending.digits.items():
+            self._digits[digit].inc(count)
+        observe_all(self.top_probability, pending.top_probabilities)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+
+    def _flushing(self) -> None:
+        while not self._stop.wait(FLUSH_SECONDS):
+            self.flush()
 
     def exposition(self) -> tuple[bytes, str]:
+        self.flush()
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -168,3 +206,16 @@ class ServerMetrics:
         every_worker = CollectorRegistry()
         MultiProcessCollector(every_worker)
         return generate_latest(every_worker), CONTENT_TYPE_LATEST
+
+
+def observe_all(histogram, values: list[float]) -> None:
+    """`histogram.observe(value)` for each value, one write per bucket rather than per value."""
+    if not values:
+        return
+    counts = [0] * len(histogram._upper_bounds)
+    for value in values:
+        counts[bisect.bisect_left(histogram._upper_bounds, value)] += 1
+    histogram._sum.inc(sum(values))
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)

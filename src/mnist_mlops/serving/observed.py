@@ -1,17 +1,15 @@
 """MLflow's scoring app, observed: request ids, metrics, the inference log and `POST /feedback`.
 
-An ASGI app around the scoring app. Every request gets an id of the
-server's own (the time and 80 random bits), returned in the answer's
-`X-Request-ID`; a client's own `X-Request-ID` comes back beside it as
+An ASGI app around the scoring app and its hot path (hotpath.py). Every
+request gets an id of the server's own (the time and 80 random bits), in
+the answer's `X-Request-ID`; a client's own `X-Request-ID` comes back as
 `X-Client-Request-ID` and is logged with the rows, but never names them,
 so two clients cannot make their requests collide. The model's `predict`
-is wrapped to hand its input and answer to the request it serves; just
-before the answer goes out, the request is remembered for feedback and its
-images are counted and queued for the inference log. Nothing on the
-request path waits for the disk.
-
-The boundary's limits (`guard.py`) run before the scoring app reads a byte
-of the body, and an error answer never carries a stack trace.
+hands its input and answer to the request it serves; just before the
+answer goes out, the request is remembered for feedback and its images
+are counted and queued for the inference log: nothing waits for the disk.
+The boundary's limits (`guard.py`) run before a byte of the body is
+parsed, and an error answer never carries a stack trace.
 
 `POST /feedback` (feedback.py) takes `{"request_id": "...", "digits": [3, 7]}`,
 one true digit per image of that request, in order.
@@ -167,8 +165,8 @@ class ObservedApp:
         sent_start = counted = False
 
         def count() -> None:
-            # Before the answer's last byte leaves: a client that reads /metrics
-            # next, from any worker, finds its request counted.
+            # Before the answer's last byte leaves: a client that reads this
+            # worker's /metrics next finds its request counted.
             nonlocal counted
             if not counted and self.metrics is not None:
                 self.metrics.request(path, status, time.perf_counter() - started)
@@ -269,6 +267,8 @@ class ObservedApp:
             self.follower.stop()
         if self.log is not None:
             self.log.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _closing_on_shutdown(self, send):
         async def closing(message) -> None:

@@ -34,10 +34,13 @@ class ServeError(Exception):
 
 @dataclass(frozen=True)
 class Observation:
-    """What the server records besides answering: metrics, and the inference log (None: off)."""
+    """What the server records besides answering: metrics, the inference log (None: off), and a
+    line per request on stdout (uvicorn's access log: off by default, since /metrics and the
+    inference log hold every request, and the line cost a fifth of a single image's time)."""
 
     metrics: bool = True
     log: LogSettings | None = None
+    access_log: bool = False
 
 
 def load_app(
@@ -208,7 +211,7 @@ def serve(
     # On SIGINT or SIGTERM uvicorn finishes the requests in flight, shuts
     # down, then ends the process by that same signal.
     # A port it cannot bind ends it with one logged error and exit status 3.
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=observation.access_log)
     # Reached when the server could not start, or stopped without a signal;
     # after SIGINT or SIGTERM the app's shutdown has closed the log already.
     close = getattr(app, "close", None)

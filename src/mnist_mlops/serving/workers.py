@@ -1,13 +1,14 @@
 """`mnist-mlops serve --workers N`: N server processes on one port, so that every core answers.
 
 One process answers on one core: the event loop and the model share one
-GIL. This process (the supervisor) binds the port, starts one worker, and
+GIL. This process (the supervisor) holds the port, starts one worker, and
 starts the others once the first answers, so that the first answer comes
 as soon as with one process, and a model that cannot be loaded is reported
-once. The workers share the listening socket: the kernel hands each
-connection to one of them. Each is a whole server (server.py): its own
-model and ONNX session, the hot path, its own part of the inference log (as
-replicas write theirs), and a follower of the alias. Besides:
+once. Each worker listens on the port with a socket of its own
+(SO_REUSEPORT): the kernel spreads the connections over them. Each is a
+whole server (server.py): its own model and ONNX session, the hot path,
+its own part of the inference log (as replicas write theirs), and a
+follower of the alias. Besides:
 
 - metrics in prometheus_client's multiprocess mode, in a private folder of
   the supervisor's, so that `/metrics` from any worker reads as one server
@@ -59,32 +60,28 @@ def supervise(
     if taken := port_taken(host, port, "make serve PORT=…, or --port"):
         print(f"mnist-mlops serve: {taken}", file=sys.stderr)
         return 1
-    # Bound here, listening from the first worker's start (asyncio listens on a
-    # socket it is given): until a worker answers, a connection is refused, as
-    # with one process, rather than left waiting.
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Held, never listening: another server's check of the port finds it taken.
     try:
-        listener.bind((host, port))
+        reservation = port_socket(host, port)
     except OSError as error:
-        listener.close()
         print(
             f"mnist-mlops serve: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr
         )
         return 1
-    listener.set_inheritable(True)
     # Private to this user; gone with the supervisor.
     folder = Path(tempfile.mkdtemp(prefix="mnist-serve-"))
     (folder / "metrics").mkdir()
     spec = {
         "model_uri": model_uri,
         "metrics": observation.metrics,
+        "access_log": observation.access_log,
         "log": None
         if observation.log is None
         else {**asdict(observation.log), "directory": str(observation.log.directory)},
         "follow_seconds": follow_seconds,
         "folder": str(folder),
-        "socket": listener.fileno(),
+        "host": host,
+        "port": port,
     }
     pool = Pool(spec, workers)
     stopping: list[int] = []
@@ -102,7 +99,7 @@ def supervise(
             pool.replace_dead()
             time.sleep(0.2)
     finally:
-        listener.close()
+        reservation.close()
         pool.stop()
         shutil.rmtree(folder, ignore_errors=True)
     signal.signal(stopping[0], signal.SIG_DFL)
@@ -121,7 +118,7 @@ class Pool:
     def start(self, slot: int, ready: int | None = None) -> subprocess.Popen:
         env = {**os.environ, WORKER_ENV: json.dumps({**self.spec, "slot": slot, "ready": ready})}
         env[MULTIPROCESS_ENV] = str(Path(self.spec["folder"]) / "metrics")
-        keep = [self.spec["socket"]] + ([ready] if ready is not None else [])
+        keep = [ready] if ready is not None else []
         # A process group of its own: a terminal's Ctrl-C reaches the supervisor alone,
         # which stops each worker once; a supervisor killed outright takes them along.
         process = subprocess.Popen(
@@ -202,16 +199,40 @@ def run_worker() -> int:
     log = spec["log"] and LogSettings(
         **{**spec["log"], "directory": Path(spec["log"]["directory"])}
     )
-    observation = Observation(metrics=spec["metrics"], log=log)
+    observation = Observation(metrics=spec["metrics"], log=log, access_log=spec["access_log"])
     try:
         app = load_app(spec["model_uri"], observation, spec["follow_seconds"], spec["folder"])
     except ServeError as error:
         print(f"mnist-mlops serve: {error}", file=sys.stderr)
         return STARTUP_FAILED
-    listener = socket.socket(fileno=spec["socket"])
-    ReadyServer(uvicorn.Config(app, log_level="info"), spec["ready"]).run(sockets=[listener])
+    try:
+        listener = port_socket(spec["host"], spec["port"])
+    except OSError as error:
+        print(f"mnist-mlops serve: cannot listen on port {spec['port']}: {error}", file=sys.stderr)
+        return STARTUP_FAILED
+    config = uvicorn.Config(app, log_level="info", access_log=observation.access_log)
+    ReadyServer(config, spec["ready"]).run(sockets=[listener])
     app.close()
     return 0
+
+
+def port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port beside the other workers' (SO_REUSEPORT), not yet listening.
+
+    One listening socket per worker, not one shared: the kernel spreads new
+    connections evenly over them. On a shared socket, the first worker awake
+    took every connection a client opened at once, and kept them (keep-alive).
+    Only processes of the same user can join the port this way.
+    """
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 if __name__ == "__main__":
