@@ -188,15 +188,16 @@ class InferenceLog:
                 self._dropped(0, f"cannot write feedback to the inference log: {error}")
 
     def _rows_arrays(self, rows: list[tuple], version: str) -> dict[str, np.ndarray]:
+        # Whole arrays, not a small one per request: a busy server logs thousands a second.
         images = np.concatenate([np.asarray(item[3], dtype=np.float32) for item in rows])
         pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        counts = np.array([len(item[3]) for item in rows])
+        firsts = np.repeat(np.cumsum(counts) - counts, counts)
         arrays = {
-            "request_id": np.array([item[1] for item in rows for _ in range(len(item[3]))]),
-            "client_request_id": np.array(
-                [item[6] for item in rows for _ in range(len(item[3]))], dtype=str
-            ),
-            "position": np.concatenate([np.arange(len(item[3]), dtype=np.int16) for item in rows]),
-            "time": np.concatenate([np.full(len(item[3]), item[2]) for item in rows]),
+            "request_id": np.repeat(np.array([item[1] for item in rows]), counts),
+            "client_request_id": np.repeat(np.array([item[6] for item in rows], dtype=str), counts),
+            "position": (np.arange(len(images)) - firsts).astype(np.int16),
+            "time": np.repeat(np.array([item[2] for item in rows], dtype=np.float64), counts),
             "probabilities": np.array(
                 [answer["probabilities"] for item in rows for answer in item[4]], dtype=np.float32
             ),
