@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 from PIL import Image, ImageDraw
 
 from mnist_mlops.serving.client import to_mnist
@@ -68,9 +69,13 @@ def test_the_serve_command_serves_the_champion_of_the_project_store(store, in_pr
         wait_until_it_answers(process, url)
         status, answer = post(url, json.dumps({"inputs": images[:2].tolist()}))
         assert status == 200
-        assert answer["predictions"] == expected(in_process, images[:2])
+        answer_of_two = expected(in_process, images[:2])
+        assert answer["predictions"] == answer_of_two
         status, answer = post(url, image_body(value=256))
         assert status == 400 and "0–255" in answer["message"]
+        # MLflow's own client of the scoring protocol.
+        client = ScoringServerClient("127.0.0.1", port)
+        assert client.invoke(images[:2].astype(np.float32))["predictions"] == answer_of_two
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=10)
     finally:
