@@ -36,7 +36,7 @@ class ServeError(Exception):
 class Observation:
     """What the server records besides answering: metrics, the inference log (None: off), and a
     line per request on stdout (uvicorn's access log: off by default, since /metrics and the
-    inference log hold every request, and the line cost a fifth of a single image's time)."""
+    inference log hold every request, and the line cost a fifth of the throughput)."""
 
     metrics: bool = True
     log: LogSettings | None = None

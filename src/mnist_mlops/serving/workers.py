@@ -48,11 +48,6 @@ RESTART_SECONDS = 1.0
 STOP_SECONDS = 30.0
 
 
-def default_workers() -> int:
-    """One worker per core this process may run on."""
-    return len(os.sched_getaffinity(0))
-
-
 def supervise(
     model_uri: str, host: str, port: int, observation, follow_seconds: float, workers: int
 ) -> int:
