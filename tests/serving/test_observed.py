@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -458,7 +459,13 @@ def test_a_worker_that_dies_is_replaced_and_its_counts_are_kept(store, tmp_path)
     command = serve_command(port, tmp_path / "log", "--workers", "2")
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     output = tmp_path / "server.out"
+    # The folder of a server killed outright (its pid no longer runs) goes at the next start.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    abandoned = Path(tempfile.gettempdir()) / f"mnist-serve-{gone.pid}-left"
+    (abandoned / "metrics").mkdir(parents=True)
     with serving(command, env, f"http://127.0.0.1:{port}", "/ping", directory, log=output) as url:
+        assert not abandoned.exists()
         wait = time.monotonic() + 120
         while _worker_count(url) != 2:
             assert time.monotonic() < wait

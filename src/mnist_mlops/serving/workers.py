@@ -46,6 +46,19 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STARTUP_FAILED = 1
 RESTART_SECONDS = 1.0
 STOP_SECONDS = 30.0
+FOLDER_PREFIX = "mnist-serve-"
+
+
+def remove_abandoned_folders() -> None:
+    """Remove this user's worker folders whose supervisor no longer runs (killed with SIGKILL)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(FOLDER_PREFIX).split("-", 1)[0]
+        try:
+            mine = folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def supervise(
@@ -63,8 +76,10 @@ def supervise(
             f"mnist-mlops serve: cannot listen on {host}:{port}: {error.strerror}", file=sys.stderr
         )
         return 1
-    # Private to this user; gone with the supervisor.
-    folder = Path(tempfile.mkdtemp(prefix="mnist-serve-"))
+    # Private to this user; gone with the supervisor (or, if it was killed
+    # outright, with the next server's start).
+    remove_abandoned_folders()
+    folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
     (folder / "metrics").mkdir()
     spec = {
         "model_uri": model_uri,
