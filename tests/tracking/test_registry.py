@@ -121,3 +121,48 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
 
     champion = mlflow.pyfunc.load_model(f"models:/{MODEL}@{CHAMPION}")
     assert champion.metadata.get_input_schema().inputs[0].shape == (-1, 28, 28)
+
+
+def test_a_first_champion_set_by_two_evaluators_at_once_is_not_an_error(workdir):
+    """MLflow's store sets an alias by read, then insert: a writer between the two loses on the key.
+
+    Another connection inserts the alias row just before this client's insert,
+    as a second evaluator finishing at the same moment does; the gate retries
+    and ends with the alias on the best version, not with the store's error.
+    """
+    import sqlalchemy
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    client.create_registered_model(MODEL)
+    run = client.create_run(client.create_experiment("race"))
+    client.log_text(run.info.run_id, "flavors: {}\n", "model/MLmodel")
+    for accuracy in ("0.900000", "0.950000"):
+        client.create_model_version(
+            MODEL,
+            f"runs:/{run.info.run_id}/model",
+            run_id=run.info.run_id,
+            tags={GATE_TAG: "passed", "gate.champion": "0", "test_accuracy": accuracy},
+        )
+    other = sqlalchemy.create_engine(uri)
+    raced = []
+
+    @sqlalchemy.event.listens_for(
+        client._get_registry_client().store.engine, "before_cursor_execute"
+    )
+    def insert_first(connection, cursor, statement, parameters, context, executemany):
+        if statement.upper().startswith("INSERT INTO REGISTERED_MODEL_ALIASES") and not raced:
+            raced.append(parameters)
+            with other.begin() as rival:
+                rival.exec_driver_sql(statement, parameters)
+
+    try:
+        assert str(reconcile(client, MODEL).version) == "2"
+    finally:
+        sqlalchemy.event.remove(
+            client._get_registry_client().store.engine, "before_cursor_execute", insert_first
+        )
+        other.dispose()
+    assert raced, "the rival insert ran before the client's own"
+    assert str(client.get_model_version_by_alias(MODEL, CHAMPION).version) == "2"

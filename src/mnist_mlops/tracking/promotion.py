@@ -38,6 +38,8 @@ GATE_TAG = "gate"
 PASSED, FAILED, REVOKED = "passed", "failed", "revoked"
 # More evaluators than this racing at once is not a team's registry.
 RECONCILE_ATTEMPTS = 20
+# A lost insert leaves the row in place, so the second write is an update.
+ALIAS_WRITE_ATTEMPTS = 3
 
 
 def eligible(version) -> bool:
@@ -78,6 +80,31 @@ def best_eligible(client, model_name: str):
     return max(candidates, key=rank, default=None)
 
 
+def lost_insert_race(error) -> bool:
+    """The store's key refused an alias row that another writer inserted first."""
+    text = str(error).lower()
+    return "unique constraint" in text or "duplicate" in text
+
+
+def set_alias(client, model_name: str, alias: str, version) -> None:
+    """Set an alias; a first set racing another one is retried.
+
+    MLflow's SQL store sets an alias by reading its row and inserting it when
+    absent, so two first sets of one alias at once (two evaluators finishing
+    together) make one fail on the table's key. The row exists by then, and
+    the retry updates it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, ALIAS_WRITE_ATTEMPTS + 1):
+        try:
+            client.set_registered_model_alias(model_name, alias, version)
+            return
+        except MlflowException as error:
+            if attempt == ALIAS_WRITE_ATTEMPTS or not lost_insert_race(error):
+                raise
+
+
 def reconcile(client, model_name: str):
     """Point `champion` at the best eligible version; return it once a read confirms it there."""
     from mlflow.exceptions import MlflowException
@@ -92,7 +119,7 @@ def reconcile(client, model_name: str):
             holder = None
         if holder is not None and str(holder.version) == str(best.version):
             return best
-        client.set_registered_model_alias(model_name, CHAMPION, best.version)
+        set_alias(client, model_name, CHAMPION, best.version)
     raise RuntimeError(
         f"the alias {CHAMPION} of {model_name} kept moving under {RECONCILE_ATTEMPTS} "
         "reconciliations: is something else setting it?"

@@ -11,7 +11,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mnist_mlops.tracking.promotion import CHAMPION, FAILED, GATE_TAG, PASSED, reconcile
+from mnist_mlops.tracking.promotion import (
+    CHAMPION,
+    FAILED,
+    GATE_TAG,
+    PASSED,
+    reconcile,
+    set_alias,
+)
 
 CHALLENGER = "challenger"
 REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -165,7 +172,7 @@ def register(
         model_name, created.version, description=f"{description} Gate: {verdict.reason}."
     )
     if not verdict.eligible:
-        client.set_registered_model_alias(model_name, CHALLENGER, created.version)
+        set_alias(client, model_name, CHALLENGER, created.version)
         client.set_model_version_tag(
             model_name, created.version, "promotion", f"rejected: {verdict.reason}"
         )
