@@ -407,7 +407,7 @@ def test_workers_count_and_log_every_request_once_and_sigterm_drains_them_all(st
         while (workers := _worker_count(url)) != 2:
             assert process.poll() is None and time.monotonic() < deadline, workers
             time.sleep(0.2)
-        (folder,) = {_metrics_folder(pid) for pid in worker_pids(process.pid)}
+        folder = _metrics_folder(process.pid, worker_pids(process.pid))
         clients = Clients(url, images)
         time.sleep(3)
         answered = clients.join()
@@ -446,10 +446,13 @@ def _worker_count(url: str) -> float:
         return 0
 
 
-def _metrics_folder(pid: int) -> str:
-    environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    (entry,) = [item for item in environment if item.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
-    return entry.split(b"=", 1)[1].decode()
+def _metrics_folder(supervisor: int, workers: list[int]) -> Path:
+    """The supervisor's private folder, once every worker keeps its metrics in it."""
+    (folder,) = Path(tempfile.gettempdir()).glob(f"mnist-serve-{supervisor}-*")
+    assert folder.stat().st_mode & 0o777 == 0o700
+    written = {path.stem.rsplit("_", 1)[1] for path in (folder / "metrics").glob("*.db")}
+    assert {str(pid) for pid in workers} <= written, (workers, written)
+    return folder
 
 
 @pytest.mark.heavy

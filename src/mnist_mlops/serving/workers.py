@@ -4,11 +4,13 @@ One process answers on one core: the event loop and the model share one
 GIL. This process (the supervisor) holds the port, starts one worker, and
 starts the others once the first answers, so that the first answer comes
 as soon as with one process, and a model that cannot be loaded is reported
-once. Each worker listens on the port with a socket of its own
-(SO_REUSEPORT): the kernel spreads the connections over them. Each is a
-whole server (server.py): its own model and ONNX session, the hot path,
-its own part of the inference log (as replicas write theirs), and a
-follower of the alias. Besides:
+once. Workers are forked from the supervisor, which has imported no more
+than the command line and holds no thread: a worker starts without a second
+interpreter start-up and a second import of the command line. Each worker
+listens on the port with a socket of its own (SO_REUSEPORT): the kernel
+spreads the connections over them. Each is a whole server (server.py): its
+own model and ONNX session, the hot path, its own part of the inference log
+(as replicas write theirs), and a follower of the alias. Besides:
 
 - metrics in prometheus_client's multiprocess mode, in a private folder of
   the supervisor's, so that `/metrics` from any worker reads as one server
@@ -24,7 +26,6 @@ follower of the alias. Besides:
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import shutil
@@ -34,13 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
 from mnist_mlops.processes import port_taken, stop_all, stop_with_parent
 
-WORKER_ENV = "MNIST_SERVE_WORKER"
-MODULE = "mnist_mlops.serving.workers"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # A worker that exits with this status before it answered could not load the model.
 STARTUP_FAILED = 1
@@ -81,6 +81,9 @@ def supervise(
     remove_abandoned_folders()
     folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
     (folder / "metrics").mkdir()
+    # Before prometheus_client is imported anywhere: it picks its multiprocess
+    # values at import, and forked workers inherit what the supervisor imported.
+    os.environ[MULTIPROCESS_ENV] = str(folder / "metrics")
     spec = {
         "model_uri": model_uri,
         "metrics": observation.metrics,
@@ -93,7 +96,7 @@ def supervise(
         "host": host,
         "port": port,
     }
-    pool = Pool(spec, workers)
+    pool = Pool(spec, workers, reservation)
     stopping: list[int] = []
     signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
@@ -117,28 +120,67 @@ def supervise(
     return 0
 
 
+class Forked:
+    """A worker forked from the supervisor, with the part of subprocess.Popen that stop_all uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def terminate(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
 class Pool:
     """The worker processes, by slot."""
 
-    def __init__(self, spec: dict, size: int) -> None:
-        self.spec, self.size = spec, size
-        self.processes: dict[int, subprocess.Popen] = {}
+    def __init__(self, spec: dict, size: int, reservation: socket.socket) -> None:
+        self.spec, self.size, self.reservation = spec, size, reservation
+        self.processes: dict[int, Forked] = {}
         self.started: dict[int, float] = {}
 
-    def start(self, slot: int, ready: int | None = None) -> subprocess.Popen:
-        env = {**os.environ, WORKER_ENV: json.dumps({**self.spec, "slot": slot, "ready": ready})}
-        env[MULTIPROCESS_ENV] = str(Path(self.spec["folder"]) / "metrics")
-        keep = [ready] if ready is not None else []
-        # A process group of its own: a terminal's Ctrl-C reaches the supervisor alone,
-        # which stops each worker once; a supervisor killed outright takes them along.
-        process = subprocess.Popen(
-            # The supervisor's own interpreter options (-X importtime, …), as multiprocessing does.
-            [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", MODULE],
-            env=env,
-            pass_fds=keep,
-            process_group=0,
-            preexec_fn=stop_with_parent,
-        )
+    def start(self, slot: int, ready: int | None = None) -> Forked:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the supervisor's code
+            status = STARTUP_FAILED
+            try:
+                # A process group of its own: a terminal's Ctrl-C reaches the supervisor
+                # alone, which stops each worker once; a supervisor killed outright
+                # takes them along.
+                os.setpgid(0, 0)
+                stop_with_parent()
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_DFL)
+                self.reservation.close()
+                status = run_worker({**self.spec, "slot": slot, "ready": ready})
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+        process = Forked(pid)
         self.processes[slot], self.started[slot] = process, time.monotonic()
         return process
 
@@ -184,8 +226,8 @@ class Pool:
         multiprocess.mark_process_dead(process.pid, str(Path(self.spec["folder"]) / "metrics"))
 
 
-def run_worker() -> int:
-    """One worker: load the model, then answer on the supervisor's socket until a signal."""
+def run_worker(spec: dict) -> int:
+    """One worker: load the model, then answer on its own socket until a signal."""
     import uvicorn
 
     from mnist_mlops.monitoring.inference_log import LogSettings
@@ -205,7 +247,6 @@ def run_worker() -> int:
                 os.close(self.ready)
                 self.ready = None
 
-    spec = json.loads(os.environ.pop(WORKER_ENV))
     log = spec["log"] and LogSettings(
         **{**spec["log"], "directory": Path(spec["log"]["directory"])}
     )
@@ -243,7 +284,3 @@ def port_socket(host: str, port: int) -> socket.socket:
         listener.close()
         raise
     return listener
-
-
-if __name__ == "__main__":
-    sys.exit(run_worker())
