@@ -16,6 +16,7 @@ from mnist_mlops.monitoring.inference_log import (
 )
 from mnist_mlops.monitoring.log_files import (
     all_log_files,
+    load,
     log_files,
     read_feedback,
     read_rows,
@@ -70,6 +71,8 @@ def test_rows_are_written_once_merged_and_read_back_exactly(tmp_path):
         assert np.allclose(rows["features"][mine], image_features(batch.astype(np.uint8)))
         assert rows["digit"][mine].tolist() == [index % 10 for index in range(len(batch))]
     assert set(rows["model_version"].tolist()) == {"3"}
+    # With the pixels kept, the server leaves the features to the reader.
+    assert all("features" not in load(path) for path in log_files(tmp_path, "rows"))
     # Housekeeping merged the parts into a segment (segment_bytes=1 asks for it).
     assert any("-" in path.stem.split("-", 2)[2] for path in log_files(tmp_path, "rows"))
 
@@ -118,6 +121,20 @@ def test_sampling_pixels_off_and_retention(tmp_path):
     log.close()
     rows = read_rows(tmp_path)
     assert "pixels" not in rows and rows["features"].shape == (2, len(FEATURES))
+    assert np.allclose(rows["features"], image_features(images(2).astype(np.uint8)))
+    # Files with and without pixels in one folder: every row has its features.
+    log = InferenceLog(LogSettings(tmp_path, flush_seconds=0.05), "m", "1")
+    log.submit_rows("with-pixels", images(3, seed=4), answers_for(images(3, seed=4)))
+    log.close()
+    rows = read_rows(tmp_path)
+    mine = rows["request_id"] == "with-pixels"
+    assert "pixels" not in rows and rows["features"].shape == (5, len(FEATURES))
+    assert np.allclose(rows["features"][mine], image_features(images(3, seed=4).astype(np.uint8)))
+    for path, _match in all_log_files(tmp_path):
+        path.unlink()
+    log = InferenceLog(LogSettings(tmp_path, pixels=False, flush_seconds=0.05), "m", "1")
+    log.submit_rows("kept", images(2), answers_for(images(2)))
+    log.close()
 
     old = time.time() - 3 * 3600
     for path, _match in all_log_files(tmp_path):

@@ -7,8 +7,9 @@ every file it writes appears complete under its final name or not at all
 
 - `rows-WRITER-SEQ.npz`: the images scored in one flush interval (≤ 1 s by
   default): request id, position in the request, time, predicted digit, the
-  ten probabilities, the image's features and, unless turned off, its raw
-  28×28 uint8 pixels; the served model's name and version once per file;
+  ten probabilities, and the image's raw 28×28 uint8 pixels, or, with pixels
+  turned off, only its features (the reader computes them from the pixels:
+  log_files.with_features); the served model's name and version once per file;
 - `feedback-WRITER-SEQ.npz`: true digits, by request id and position;
 - `rows-WRITER-FIRST-LAST.npz` (and `feedback-…`): a writer's parts merged
   into one segment once they reach `segment_bytes` or `segment_seconds`.
@@ -201,13 +202,14 @@ class InferenceLog:
             "probabilities": np.array(
                 [answer["probabilities"] for item in rows for answer in item[4]], dtype=np.float32
             ),
-            "features": image_features(pixels),
             "model_name": np.array(self.model_name),
             "model_version": np.array(version),
         }
         arrays["digit"] = arrays["probabilities"].argmax(axis=1).astype(np.int8)
         if self.settings.pixels:
             arrays["pixels"] = pixels
+        else:
+            arrays["features"] = image_features(pixels)
         return arrays
 
     def _save(self, kind: str, arrays: dict[str, np.ndarray]) -> None:
