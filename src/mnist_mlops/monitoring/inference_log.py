@@ -190,8 +190,13 @@ class InferenceLog:
 
     def _rows_arrays(self, rows: list[tuple], version: str) -> dict[str, np.ndarray]:
         # Whole arrays, not a small one per request: a busy server logs thousands a second.
-        images = np.concatenate([np.asarray(item[3], dtype=np.float32) for item in rows])
-        pixels = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        # One float array, rounded and clipped in place: each fresh array of a
+        # second's images is megabytes of new pages, and those faults cost more
+        # than the arithmetic.
+        images = np.concatenate([item[3] for item in rows], dtype=np.float32)
+        np.rint(images, out=images)
+        np.clip(images, 0, 255, out=images)
+        pixels = images.astype(np.uint8)
         counts = np.array([len(item[3]) for item in rows])
         firsts = np.repeat(np.cumsum(counts) - counts, counts)
         arrays = {
