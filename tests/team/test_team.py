@@ -19,6 +19,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from mnist_mlops.tracking import history
+
 from ..conftest import (
     REPO_ROOT,
     TINY_DATA,
@@ -343,3 +345,13 @@ def test_two_evaluators_racing_leave_the_better_version_champion(
         assert str(champion.version) == version_of[better], (repetition, version_of)
         loser = team_client.get_model_version(name, version_of[worse])
         assert loser.tags["gate"] == "passed" and loser.tags["gate.champion"] == "1"
+        # The history, on the server's store: v1 as found, then every move, the last
+        # one to the champion; nothing was taken for a move by hand.
+        # (Both evaluators may find v1 at once: each records it.)
+        moves = history.moves(team_client, name)
+        found = [move for move in moves if move.why == history.FOUND]
+        moved = [move for move in moves if move.why != history.FOUND]
+        assert moves[0].why == history.FOUND and {move.to_version for move in found} == {"1"}
+        assert moves[-1].to_version == str(champion.version), moves
+        assert {move.why for move in moved} <= {history.GATE, history.RECONCILIATION}, moves
+        assert {move.to_version for move in moved} <= set(version_of.values())

@@ -1,6 +1,8 @@
 """The registry: every evaluated model is a version; the gate decides who is champion."""
 
 import json
+import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -11,6 +13,7 @@ from mnist_mlops.pipeline.evaluate import evaluate
 from mnist_mlops.pipeline.fetch import fetch
 from mnist_mlops.pipeline.preprocess import preprocess
 from mnist_mlops.pipeline.train import train
+from mnist_mlops.tracking import history
 from mnist_mlops.tracking.promotion import GATE_TAG, REVOKED, reconcile
 from mnist_mlops.tracking.registry import (
     CHALLENGER,
@@ -21,6 +24,8 @@ from mnist_mlops.tracking.registry import (
     register,
     should_promote,
 )
+
+from ..conftest import subprocess_env
 
 MODEL = "mnist-classifier"
 
@@ -121,6 +126,44 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
 
     champion = mlflow.pyfunc.load_model(f"models:/{MODEL}@{CHAMPION}")
     assert champion.metadata.get_input_schema().inputs[0].shape == (-1, 28, 28)
+
+    # Every move, in order: the gate's two, the hand move found (not undone
+    # silently: recorded, then the reconciliation's own), the revocation.
+    moves = history.moves(client, MODEL)
+    assert [(move.from_version, move.to_version, move.why) for move in moves] == [
+        ("", "1", history.GATE),
+        ("1", "4", history.GATE),
+        ("4", "1", history.BY_HAND),
+        ("1", "4", history.RECONCILIATION),
+        ("4", "1", history.REVOKED),
+    ]
+    assert moves[1].rule == client.get_model_version(MODEL, "4").tags["gate.rule"]
+    assert moves[1].scores["test_accuracy"] == f"{champion_accuracy + 0.001:.6f}"
+    assert moves[2].by.startswith("unknown (found by ")
+    assert [move.when_ms for move in moves] == sorted(move.when_ms for move in moves)
+    # The command prints the same, from a shell on the project's store.
+    printed = registry_history(workdir).stdout.splitlines()
+    assert len(printed) == 5 and "(none) -> v1  gate" in printed[0]
+    assert "v4 -> v1  by hand" in printed[2] and "v4 -> v1  revoked" in printed[4]
+    as_json = registry_history(workdir, "--json").stdout.splitlines()
+    assert [json.loads(line)["to_version"] for line in as_json] == ["1", "4", "1", "4", "1"]
+
+
+def registry_history(project, *extra: str) -> subprocess.CompletedProcess:
+    """`mnist-mlops registry history` from a shell on the project's store."""
+    command = [sys.executable, "-m", "mnist_mlops", "registry", "history", *extra]
+    return subprocess.run(
+        command, cwd=project, env=subprocess_env(), capture_output=True, text=True
+    )
+
+
+def test_registry_history_says_what_is_missing(workdir):
+    missing = registry_history(workdir)
+    assert missing.returncode == 1 and "no MLflow store at" in missing.stderr
+    assert not (workdir / "mlflow.db").exists()
+    MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").search_experiments()
+    empty = registry_history(workdir, "--model", "other")
+    assert empty.returncode == 1 and "no move of other@champion recorded yet" in empty.stderr
 
 
 def test_a_first_champion_set_by_two_evaluators_at_once_is_not_an_error(workdir):

@@ -1,4 +1,4 @@
-"""The tracking wing's commands: `ui` (the MLflow UI with direct links) and `runs`."""
+"""The tracking wing's commands: `ui` (the MLflow UI with direct links), `runs`, `registry`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     leaderboard.add_argument("--study", default="", help="list this Optuna study's trials")
     leaderboard.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
     leaderboard.set_defaults(run=runs)
+    registry = commands.add_parser("registry", help="the model registry: the champion's history")
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    history = actions.add_parser(
+        "history",
+        help="every move of @champion, oldest first",
+        description="Every move of the alias champion, oldest first: when, from which version "
+        "to which, why, by which rule, by whom, and the scores it was judged on.",
+    )
+    history.add_argument("--model", default="", help="the registered model (params.yaml's)")
+    history.add_argument("--json", action="store_true", help="one JSON object per move")
+    history.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
+    history.set_defaults(run=champion_history)
 
 
 def ui(arguments: argparse.Namespace) -> int:
@@ -63,4 +75,49 @@ def runs(arguments: argparse.Namespace) -> int:
         print(f"no {what} in experiment {experiment!r} yet{hint}", file=sys.stderr)
         return 1
     print(render(table, STUDY_COLUMNS if study else COLUMNS))
+    return 0
+
+
+def champion_history(arguments: argparse.Namespace) -> int:
+    """Print the champion's history (tracking/history.py)."""
+    import json
+    from dataclasses import asdict
+
+    from mlflow.exceptions import MlflowException
+
+    from mnist_mlops.config import load_params
+    from mnist_mlops.paths import MLFLOW_DB_NAME, project_root
+    from mnist_mlops.tracking import history
+    from mnist_mlops.tracking.store import embedded_store, tracking_uri
+
+    model = arguments.model
+    if not model:
+        model = "mnist-classifier"
+        if arguments.params.exists():
+            model = load_params(arguments.params).registry.model_name
+    if embedded_store() and not (project_root() / MLFLOW_DB_NAME).exists():
+        print(
+            f"mnist-mlops registry: no MLflow store at {project_root() / MLFLOW_DB_NAME}: "
+            "run `make repro` first, or set MLFLOW_TRACKING_URI",
+            file=sys.stderr,
+        )
+        return 1
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        moves = history.moves(MlflowClient(), model)
+    except MlflowException as error:
+        print(f"mnist-mlops registry: {error.message}", file=sys.stderr)
+        return 2
+    if not moves:
+        print(
+            f"no move of {model}@champion recorded yet: "
+            "the history begins at the next evaluation (`make repro`)",
+            file=sys.stderr,
+        )
+        return 1
+    for move in moves:
+        print(json.dumps(asdict(move), sort_keys=True) if arguments.json else move.line())
     return 0

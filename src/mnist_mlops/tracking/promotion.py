@@ -28,7 +28,8 @@ registrations stop: evaluators who see the same versions compute the same
 best and never undo each other.
 
 A version is taken out of the running by hand with the tag `gate: revoked`;
-the next evaluation moves the alias off it.
+the next evaluation moves the alias off it. Every move is recorded in the
+champion's history (history.py).
 """
 
 from __future__ import annotations
@@ -105,21 +106,41 @@ def set_alias(client, model_name: str, alias: str, version) -> None:
                 raise
 
 
-def reconcile(client, model_name: str):
-    """Point `champion` at the best eligible version; return it once a read confirms it there."""
+def current_champion(client, model_name: str):
+    """The version that holds `champion`, or None."""
     from mlflow.exceptions import MlflowException
 
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def reconcile(client, model_name: str, registered: int | None = None):
+    """Point `champion` at the best eligible version; return it once a read confirms it there.
+
+    `registered` is the version the caller's gate just judged. Every move is
+    recorded in the champion's history (history.py), and so is a move by
+    hand found here, before the alias moves again.
+    """
+    from mnist_mlops.tracking import history
+
+    def held() -> str | None:
+        holder = current_champion(client, model_name)
+        return str(holder.version) if holder is not None else None
+
+    hand = history.find_hand_move(client, model_name, held(), held)
+    if hand is not None:
+        history.record(client, model_name, hand)
     for _ in range(RECONCILE_ATTEMPTS):
         best = best_eligible(client, model_name)
         if best is None:
             return None
-        try:
-            holder = client.get_model_version_by_alias(model_name, CHAMPION)
-        except MlflowException:
-            holder = None
+        holder = current_champion(client, model_name)
         if holder is not None and str(holder.version) == str(best.version):
             return best
         set_alias(client, model_name, CHAMPION, best.version)
+        history.record(client, model_name, history.moved(holder, best, registered))
     raise RuntimeError(
         f"the alias {CHAMPION} of {model_name} kept moving under {RECONCILE_ATTEMPTS} "
         "reconciliations: is something else setting it?"

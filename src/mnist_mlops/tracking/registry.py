@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass
 
 from mnist_mlops.tracking.promotion import (
-    CHAMPION,
+    CHAMPION,  # noqa: F401 (the registry's readers take the alias's name from here)
     FAILED,
     GATE_TAG,
     PASSED,
+    current_champion,
     reconcile,
     set_alias,
 )
@@ -110,16 +111,6 @@ class Registration:
     reason: str
 
 
-def current_champion(client, model_name: str):
-    """The version that holds the alias `champion`, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        return None
-
-
 def recorded_scores(version) -> Scores:
     """The scores a version was registered with (its tags)."""
     recent = version.tags.get("recent_accuracy")
@@ -176,7 +167,7 @@ def register(
         client.set_model_version_tag(
             model_name, created.version, "promotion", f"rejected: {verdict.reason}"
         )
-    winner = reconcile(client, model_name)
+    winner = reconcile(client, model_name, registered=version)
     promoted = int(winner.version) == version
     if promoted:
         client.set_model_version_tag(model_name, created.version, "promotion", "promoted")
