@@ -145,7 +145,7 @@ proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|bo
 monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
 	mnist-mlops monitoring --targets $(TARGETS)
 
-benchmark: install install-spark install-jax install-object-store ## Benchmark the pipeline, the server, its peers (LitServe, BentoML: .venv/peers), a swap, replicas, batch scoring, the serving environment's size, tune, monitoring, data-parallel training, the object store, a tracking outage, the UI
+benchmark: install install-spark install-jax install-object-store ## Benchmark the pipeline, the server, its peers (LitServe, BentoML: .venv/peers), a swap, replicas, batch scoring, the serving environment's size, tune, monitoring, data-parallel training, the object store, a tracking outage, lineage, the UI
 	python -m benchmarks.pipeline
 	python -m benchmarks.serving
 	python -m benchmarks.serving_peers
@@ -158,6 +158,7 @@ benchmark: install install-spark install-jax install-object-store ## Benchmark t
 	python -m benchmarks.distributed
 	python -m benchmarks.object_store
 	python -m benchmarks.outage
+	python -m benchmarks.lineage
 	python -m benchmarks.ui
 
 clean: ## Remove the virtual environment and caches (keeps data, runs and models)

@@ -1,6 +1,6 @@
 """The monitoring wing's commands: `monitor` (one drift check), `feedback record` (true digits
-from a CSV), `feedback snapshot` (labelled traffic as DVC-versioned data) and `monitoring`
-(Prometheus and Alertmanager in the foreground)."""
+from a CSV), `feedback snapshot` (labelled traffic as DVC-versioned data), `monitoring`
+(Prometheus and Alertmanager in the foreground) and `lineage` (a request back to its data)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mnist_mlops.paths import (
     FEEDBACK_SNAPSHOT_FILE,
     MONITORING_CONFIG_DIR,
     MONITORING_REPORTS_DIR,
+    PARAMS_FILE,
     inference_log_dir,
 )
 
@@ -25,12 +26,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     monitor.add_argument("--since", default="", help="only rows this recent: 30m, 24h, 7d")
     monitor.add_argument("--last", type=int, default=0, help="only the last N rows")
-    monitor.add_argument(
-        "--log-dir",
-        type=Path,
-        default=inference_log_dir(),
-        help="the inference log's folder (%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
-    )
+    add_log_dir(monitor)
     monitor.add_argument(
         "--reports-dir", type=Path, default=MONITORING_REPORTS_DIR, help="where the report goes"
     )
@@ -70,15 +66,27 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="the snapshot, merged with what it already holds",
     )
     for action in (record, snapshot):
-        action.add_argument(
-            "--log-dir",
-            type=Path,
-            default=inference_log_dir(),
-            help="the inference log's folder "
-            "(%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
-        )
+        add_log_dir(action)
     record.set_defaults(run=record_feedback)
     snapshot.set_defaults(run=snapshot_feedback)
+
+    trace = commands.add_parser(
+        "lineage",
+        help="from a served request id, or a version (v3), back to its code and data",
+        description="The version that answered a request (the server's X-Request-ID or the "
+        "client's own id), its run, git commit, parameters and data digests, the gate's "
+        "decision, the true digits sent back, and the champion's history around the answer; "
+        "or the same for a registered version.",
+    )
+    trace.add_argument("target", metavar="REQUEST_ID|vN", help="a request id, or a version")
+    trace.add_argument("--model", default="", help="the registered model, for a version")
+    trace.add_argument("--json", action="store_true", help="one JSON object")
+    add_log_dir(trace)
+    trace.add_argument(
+        "--snapshot", type=Path, default=FEEDBACK_SNAPSHOT_FILE, help="the feedback snapshot"
+    )
+    trace.add_argument("--params", type=Path, default=PARAMS_FILE, help=argparse.SUPPRESS)
+    trace.set_defaults(run=lineage)
 
     watch = commands.add_parser(
         "monitoring", help="run Prometheus and Alertmanager on 127.0.0.1 for the model servers"
@@ -116,6 +124,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="Alertmanager's configuration, before --webhook-url is applied",
     )
     watch.set_defaults(run=monitoring)
+
+
+def add_log_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=inference_log_dir(),
+        help="the inference log's folder (%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
+    )
 
 
 def record_feedback(arguments: argparse.Namespace) -> int:
@@ -206,3 +223,53 @@ def run_monitor(arguments: argparse.Namespace) -> int:
         return report_store_failure("monitor", error, 2)
     print(line)
     return status
+
+
+def lineage(arguments: argparse.Namespace) -> int:
+    """Print where a request's answer, or a version, came from (monitoring/lineage.py)."""
+    import json
+    import re
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mnist_mlops.config import load_params
+    from mnist_mlops.monitoring import lineage as trace
+    from mnist_mlops.tracking import history
+    from mnist_mlops.tracking.store import missing_store, tracking_uri
+
+    if missing := missing_store():
+        print(f"mnist-mlops lineage: {missing}", file=sys.stderr)
+        return 1
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    version = re.fullmatch(r"v?(\d+)", arguments.target)
+    try:
+        if version:
+            model = arguments.model or "mnist-classifier"
+            if not arguments.model and arguments.params.exists():
+                model = load_params(arguments.params).registry.model_name
+            found = {"version": trace.version_lineage(client, model, version[1])}
+        else:
+            request = trace.find_request(arguments.log_dir, arguments.target)
+            if request is None:
+                raise trace.LineageError(
+                    f"no request {arguments.target} in the inference log at {arguments.log_dir} "
+                    "(a request is found there until the log's retention removes it)"
+                )
+            name, number = request["model_name"], request["model_version"]
+            found = {
+                "request": request,
+                "feedback": trace.feedback_of(
+                    arguments.log_dir, arguments.snapshot, request["request_id"], request["images"]
+                ),
+                "champion": trace.champion_around(
+                    history.moves(client, name), request["answered_at_s"]
+                ),
+                "version": trace.version_lineage(client, name, number),
+            }
+    except trace.LineageError as error:
+        print(f"mnist-mlops lineage: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(found, indent=2, sort_keys=True) if arguments.json else trace.render(found))
+    return 0

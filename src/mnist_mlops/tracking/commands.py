@@ -86,21 +86,16 @@ def champion_history(arguments: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from mnist_mlops.config import load_params
-    from mnist_mlops.paths import MLFLOW_DB_NAME, project_root
     from mnist_mlops.tracking import history
-    from mnist_mlops.tracking.store import embedded_store, tracking_uri
+    from mnist_mlops.tracking.store import missing_store, tracking_uri
 
     model = arguments.model
     if not model:
         model = "mnist-classifier"
         if arguments.params.exists():
             model = load_params(arguments.params).registry.model_name
-    if embedded_store() and not (project_root() / MLFLOW_DB_NAME).exists():
-        print(
-            f"mnist-mlops registry: no MLflow store at {project_root() / MLFLOW_DB_NAME}: "
-            "run `make repro` first, or set MLFLOW_TRACKING_URI",
-            file=sys.stderr,
-        )
+    if missing := missing_store():
+        print(f"mnist-mlops registry: {missing}", file=sys.stderr)
         return 1
     import mlflow
     from mlflow import MlflowClient

@@ -68,6 +68,14 @@ ARTIFACTS_THROUGH_THE_SERVER = {
 }
 
 
+def missing_store() -> str:
+    """Why a reading command has no store to read ("" when it has one), without making one."""
+    database = project_root() / MLFLOW_DB_NAME
+    if embedded_store() and not database.exists():
+        return f"no MLflow store at {database}: run `make repro` first, or set {TRACKING_URI_ENV}"
+    return ""
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the embedded SQLite store at the project root.
 
