@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from mnist_mlops.paths import REGISTRY_FILE
+from mnist_mlops.paths import METRICS_FILE, PER_CLASS_FILE, REGISTRY_FILE
 from mnist_mlops.pipeline.evaluate import evaluate
 from mnist_mlops.pipeline.fetch import fetch
 from mnist_mlops.pipeline.preprocess import preprocess
@@ -90,6 +90,32 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
     assert "trained for 2 epochs" in version.description
     assert run.data.tags["registry.version"] == "1"
     assert int(client.get_model_version_by_alias(MODEL, CHAMPION).version) == 1
+    # Its model card, logged into the run and named in the description, holds
+    # exactly what evaluate wrote to reports/ and what the run recorded.
+    assert version.description.endswith(
+        f"Model card: runs:/{run.info.run_id}/model_card/v1/model_card.md"
+    )
+    card = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/model_card/v1/model_card.json")
+    metrics = json.loads(METRICS_FILE.read_text())
+    measured = card["quantitative_analysis"]["performance_metrics"]
+    assert {
+        item["type"]: item["value"] for item in measured if item["slice"] in ("test", "recent")
+    } == metrics
+    per_class = json.loads(PER_CLASS_FILE.read_text())
+    assert {item["slice"]: item["value"] for item in measured if "digit" in item["slice"]} == {
+        f"test, digit {digit}": value for digit, value in per_class.items()
+    }
+    assert card["model_details"]["version"]["name"] == "1"
+    assert card["model_details"]["git"]["commit"] == version.tags["git.commit"]
+    data = {item["link"]: item for item in card["model_parameters"]["data"]}
+    assert data["data/processed"]["digest"] == run.data.tags["data.digest"]
+    assert data["data/raw"]["sha256"] == run.data.params["data.content_sha256"]
+    assert card["considerations"]["gate"]["reason"] == first["reason"]
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_card/v1/model_card.md")
+    assert (
+        text.startswith(f"# {MODEL} v1\n")
+        and f"| test_accuracy | test | {metrics['test_accuracy']:.4f} |" in text
+    )
 
     # Register the same classifier again under other accuracies to drive the gate.
     model_uri = version.source

@@ -45,6 +45,7 @@ from mnist_mlops.paths import (
     RUN_FILE,
 )
 from mnist_mlops.pipeline.figures import confusion_image, mistakes_image
+from mnist_mlops.pipeline.model_card import link_card, log_card, model_card
 from mnist_mlops.pipeline.preprocess import has_split, load_split
 from mnist_mlops.serving.follow import log_known_digits
 from mnist_mlops.tracking import ui
@@ -160,6 +161,10 @@ def evaluate(config: Config) -> dict[str, float]:
         if champion[1] is not None and champion[1].recent_accuracy is not None:
             mlflow.log_metric("champion_recent_accuracy", champion[1].recent_accuracy)
         registration = _register(config, run, scores, champion, images[:1])
+        card = model_card(config, mlflow.get_run(run_id), registration, metrics, per_class, source)
+        link_card(
+            mlflow.MlflowClient(), registration, log_card(mlflow.MlflowClient(), card, run_id)
+        )
         mlflow.set_tags(
             {
                 "registry.version": str(registration.version),
