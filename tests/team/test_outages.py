@@ -5,7 +5,9 @@ same port, and the PostgreSQL cluster is stopped (`pg_ctl stop -m fast`) and
 started. Today's clean failure past the bound is tests/tracking/test_faults.py.
 """
 
+import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -100,6 +102,10 @@ def test_a_fit_rides_out_a_tracking_server_restart_and_a_postgres_restart(
                 for name in ("accuracy", "val_loss", "val_accuracy")
             ]
             champion = client.get_model_version_by_alias("mnist-classifier", "champion")
+        # The champion's history is in the server's store: the same after another restart.
+        with serving(server, server_env, url, "/health"):
+            command = [sys.executable, "-m", "mnist_mlops", "registry", "history", "--json"]
+            moves = [json.loads(line) for line in run(command, project, env).stdout.splitlines()]
 
     assert logged.info.status == "FINISHED"
     assert output.count("MLflow is away") == 2 and output.count("MLflow is back") == 2, output
@@ -113,4 +119,7 @@ def test_a_fit_rides_out_a_tracking_server_restart_and_a_postgres_restart(
         assert logged_between(cpu, start + 1, end - 1), (start, end)
     assert logged.data.metrics["fit_seconds"] > 2 * OUTAGE_SECONDS
     assert champion.run_id == run_id
+    assert [(move["from_version"], move["to_version"], move["why"]) for move in moves] == [
+        ("", str(champion.version), "gate")
+    ]
     assert "test_accuracy" in logged.data.metrics
