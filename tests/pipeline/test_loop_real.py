@@ -83,11 +83,15 @@ def test_retraining_on_feedback_brings_the_accuracy_back(
         second = json.loads((project / "reports" / "metrics.json").read_text())
         assert second["test_accuracy"] >= 0.975, second
 
-        # The server follows the alias: v2 answers without a restart.
+        # The server follows the alias: v2 answers without a restart, from every
+        # worker (each new connection may reach either: 10 answers in a row).
         deadline = time.monotonic() + 60
-        while call(url, "/ping")[2].get("x-model-version") != f"{MODEL}/2":
+        in_a_row = 0
+        while in_a_row < 10:
+            on_v2 = call(url, "/ping")[2].get("x-model-version") == f"{MODEL}/2"
+            in_a_row = in_a_row + 1 if on_v2 else 0
             assert time.monotonic() < deadline, server_log.read_text()[-2000:]
-            time.sleep(0.5)
+            time.sleep(0.1 if on_v2 else 0.5)
         v2_fresh, versions = send(url, fresh, test_labels, feedback=True)
         assert versions == {f"{MODEL}/2"}
     # The issue asked for 0.95 on fresh thick digits. The seed's 5-epoch network
