@@ -7,9 +7,11 @@ import time
 
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.entities import DatasetInput
 
 from mnist_mlops.monitoring.inference_log import InferenceLog, LogSettings, save_feedback
 from mnist_mlops.monitoring.snapshot import snapshot
+from mnist_mlops.tracking.datasets import DataVersion
 from mnist_mlops.tracking.promotion import reconcile
 
 from ..conftest import subprocess_env
@@ -21,8 +23,15 @@ def trained_version(client: MlflowClient, experiment: str, commit: str, digest: 
     """A registered version as evaluate leaves one: its run's provenance, the gate's tags."""
     run = client.create_run(experiment)
     run_id = run.info.run_id
-    for key, value in {"git.commit": commit, "git.dirty": "false", "data.digest": digest}.items():
+    for key, value in {
+        "git.commit": commit,
+        "git.dirty": "false",
+        "data.digest": digest,
+        "data.dvc.processed": f"md5-{digest}.dir",
+    }.items():
         client.set_tag(run_id, key, value)
+    tested_on = DataVersion("mnist-test", "data/processed/test.npz", f"test-{digest}", None)
+    client.log_inputs(run_id, [DatasetInput(tested_on.dataset()._to_mlflow_entity(), [])])
     for key, value in {
         "data.content_sha256": f"raw-{digest}",
         "data.sha256.mnist.npz": f"file-{digest}",
@@ -77,6 +86,10 @@ def test_a_request_before_and_after_a_retrain_leads_to_each_version_s_commit_and
     assert found["version"]["git_commit"] == "a" * 40
     assert found["version"]["data"]["processed"]["digest"] == "digest-one"
     assert found["version"]["data"]["raw"]["content_sha256"] == "raw-digest-one"
+    assert found["version"]["data"]["dvc_md5"] == {"processed": "md5-digest-one.dir"}
+    assert found["version"]["data"]["datasets"] == [
+        {"name": "mnist-test", "link": "data/processed/test.npz", "dvc_md5": "test-digest-one"}
+    ]
     assert found["version"]["params"] == {"optimizer.name": "rmsprop", "train.epochs": "5"}
     assert found["version"]["gate"]["verdict"] == "passed"
     assert found["feedback"]["true_digits"] == [3, 5]
@@ -98,6 +111,8 @@ def test_a_request_before_and_after_a_retrain_leads_to_each_version_s_commit_and
     assert f"git commit {'a' * 40}" in text and "champion then: v1" in text
     version = lineage(workdir, "v2").stdout
     assert version.startswith(f"{MODEL} v2,") and "processed data digest-two" in version
+    assert "DVC data/processed md5-digest-two.dir" in version
+    assert "dataset mnist-test test-digest-two (data/processed/test.npz)" in version
 
     unknown = lineage(workdir, "req-never")
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1

@@ -60,8 +60,27 @@ def test_dvc_repro_end_to_end(project, http_mirror):
     run_file = json.loads((project / "models/mlflow_run.json").read_text())
     assert run_file["run_id"] == logged.info.run_id
 
-    # The logged model, fed raw pixels, predicts what the evaluate stage recorded.
+    # The first version's model card holds exactly what reports/ and dvc.lock hold.
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    card = mlflow.artifacts.load_dict(f"runs:/{logged.info.run_id}/model_card/v1/model_card.json")
+    performance = card["quantitative_analysis"]["performance_metrics"]
+    assert {
+        item["type"]: item["value"] for item in performance if "digit" not in item["slice"]
+    } == metrics
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    locked = {
+        entry["path"]: entry["md5"]
+        for stage in ("fetch", "preprocess")
+        for entry in lock[stage].get("outs", []) + lock[stage].get("deps", [])
+    }
+    carded = {item["link"]: item["dvc_md5"] for item in card["model_parameters"]["data"]}
+    for folder in ("data/raw", "data/processed", "data/feedback"):
+        assert carded[folder] == locked[folder], folder
+    # A split's digest is DVC's address of its content: the cache holds it there.
+    tested_on = carded["data/processed/test.npz"]
+    assert (project / ".dvc/cache/files/md5" / tested_on[:2] / tested_on[2:]).is_file()
+
+    # The logged model, fed raw pixels, predicts what the evaluate stage recorded.
     model = mlflow.pyfunc.load_model(f"runs:/{logged.info.run_id}/model")
     with np.load(project / "data/processed/test.npz", allow_pickle=False) as arrays:
         images = arrays["images"]

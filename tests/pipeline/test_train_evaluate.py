@@ -22,6 +22,7 @@ from mnist_mlops.pipeline.evaluate import evaluate
 from mnist_mlops.pipeline.fetch import fetch
 from mnist_mlops.pipeline.preprocess import load_split, preprocess
 from mnist_mlops.pipeline.train import EPOCH_METRICS, train
+from mnist_mlops.tracking.datasets import dvc_md5
 from mnist_mlops.tracking.runs import active_run, log_dataset
 from mnist_mlops.tracking.store import tracking_uri, use_experiment
 
@@ -65,7 +66,27 @@ def test_train_and_evaluate_record_one_complete_run(prepared, workdir):
         assert history[-1].value == pytest.approx(final[name])
 
     assert logged.data.tags["data.digest"] == manifest["digest"]
-    assert logged.inputs.dataset_inputs[0].dataset.name == "mnist-train"
+    # The data it trained on, by DVC's hashes; the Keras model is an artifact, not a LoggedModel.
+    inputs = {found.dataset.name: found.dataset for found in logged.inputs.dataset_inputs}
+    assert set(inputs) == {"mnist-raw", "mnist-train", "mnist-validation", "mnist-test"}
+    assert inputs["mnist-train"].digest == dvc_md5(workdir / "data/processed/train.npz")
+    assert json.loads(inputs["mnist-raw"].source)["path"] == "data/raw"
+    assert logged.data.tags["data.dvc.processed"] == dvc_md5(workdir / "data/processed")
+    (served,) = mlflow.search_logged_models(
+        experiment_ids=[logged.info.experiment_id], output_format="list"
+    )
+    assert served.name == "classifier" and served.source_run_id == run_id
+    # Its metrics are the evaluation's, each with the split it was measured on; none of the
+    # epochs' but the last, and no system metric.
+    measured_on = {metric.key: metric.dataset_name for metric in served.metrics}
+    assert measured_on["test_accuracy"] == measured_on["test_accuracy_digit_7"] == "mnist-test"
+    assert measured_on["val_accuracy"] == "mnist-validation"
+    assert not [key for key in measured_on if key.startswith("system/") or key == "accuracy"]
+    test_digest = {m.dataset_digest for m in served.metrics if m.dataset_name == "mnist-test"}
+    assert test_digest == {dvc_md5(workdir / "data/processed/test.npz")}
+    assert (
+        mlflow.pyfunc.load_model(f"models:/{served.model_id}").metadata.model_id == served.model_id
+    )
     assert logged.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert json.loads(METRICS_FILE.read_text()) == metrics
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 from PIL import Image, ImageDraw
 
@@ -85,14 +86,17 @@ def test_the_serve_command_serves_the_champion_of_the_project_store(store, in_pr
     assert "Finished server process" in output.decode()
 
 
-def test_the_serve_command_imports_no_tensorflow_dvc_or_hydra(store, tmp_path):
+def test_the_serve_command_imports_no_tensorflow_dvc_or_hydra(store, tmp_path, in_process):
     """A fresh interpreter serving the champion, a prediction answered: no pipeline library loaded.
 
     `-X importtime` lists every module the process imports in its whole life,
-    the command line's assembly from all the wings included.
+    the command line's assembly from all the wings included. The champion is
+    named by its MLflow 3 model id (`models:/m-…`), which serves it the same.
     """
     uri, images = store
     project = Path(uri.removeprefix("sqlite:///")).parent
+    champion = MlflowClient(uri).get_model_version_by_alias("mnist-classifier", "champion")
+    assert champion.source.startswith("models:/m-")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "imports.log"
@@ -105,6 +109,8 @@ def test_the_serve_command_imports_no_tensorflow_dvc_or_hydra(store, tmp_path):
         "serve",
         "--port",
         str(port),
+        "--model-uri",
+        champion.source,
     ]
     with open(log, "w") as output:
         process = subprocess.Popen(
@@ -112,8 +118,9 @@ def test_the_serve_command_imports_no_tensorflow_dvc_or_hydra(store, tmp_path):
         )
         try:
             wait_until_it_answers(process, url, log)
-            status, _answer = post(url, json.dumps({"inputs": images[:1].tolist()}))
+            status, answer = post(url, json.dumps({"inputs": images[:1].tolist()}))
             assert status == 200
+            assert answer["predictions"] == expected(in_process, images[:1])
         finally:
             process.terminate()
             process.wait(timeout=20)

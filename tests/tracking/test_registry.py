@@ -8,12 +8,19 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from mnist_mlops.paths import METRICS_FILE, PER_CLASS_FILE, REGISTRY_FILE
+from mnist_mlops.paths import (
+    METRICS_FILE,
+    PER_CLASS_FILE,
+    PROCESSED_DATA_DIR,
+    REGISTRY_FILE,
+    processed_split_file,
+)
 from mnist_mlops.pipeline.evaluate import evaluate
 from mnist_mlops.pipeline.fetch import fetch
 from mnist_mlops.pipeline.preprocess import preprocess
 from mnist_mlops.pipeline.train import train
 from mnist_mlops.tracking import history
+from mnist_mlops.tracking.datasets import dvc_md5
 from mnist_mlops.tracking.promotion import GATE_TAG, REVOKED, reconcile
 from mnist_mlops.tracking.registry import (
     CHALLENGER,
@@ -67,6 +74,11 @@ def test_the_gate_judges_where_the_traffic_is(candidate, champion, eligible, rul
 
 
 def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
+    # A default DVC remote, as the project has: the card names where its data is pushed.
+    (workdir / ".dvc").mkdir()
+    (workdir / ".dvc" / "config").write_text(
+        "[core]\n    remote = storage\n['remote \"storage\"']\n    url = ../../storage\n"
+    )
     fetch(config.data)
     preprocess(config)
     train(config)
@@ -107,9 +119,18 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
     }
     assert card["model_details"]["version"]["name"] == "1"
     assert card["model_details"]["git"]["commit"] == version.tags["git.commit"]
-    data = {item["link"]: item for item in card["model_parameters"]["data"]}
-    assert data["data/processed"]["digest"] == run.data.tags["data.digest"]
-    assert data["data/raw"]["sha256"] == run.data.params["data.content_sha256"]
+    data = {item["name"]: item for item in card["model_parameters"]["data"]}
+    assert data["processed splits"]["digest"] == run.data.tags["data.digest"]
+    assert data["processed splits"]["dvc_md5"] == dvc_md5(PROCESSED_DATA_DIR)
+    assert data["raw MNIST"]["sha256"] == run.data.params["data.content_sha256"]
+    test_md5 = dvc_md5(processed_split_file("test"))
+    assert data["mnist-test"] == {
+        "name": "mnist-test",
+        "link": "data/processed/test.npz",
+        "dvc_md5": test_md5,
+        "url": f"{workdir.parent / 'storage'}/files/md5/{test_md5[:2]}/{test_md5[2:]}",
+    }
+    assert card["model_details"]["mlflow_model_id"] == version.source.removeprefix("models:/")
     assert card["considerations"]["gate"]["reason"] == first["reason"]
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_card/v1/model_card.md")
     assert (

@@ -88,7 +88,9 @@ def store(tmp_path_factory, browser):
         while "registered model:" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         printed = dict(
-            re.findall(r"^\s+(training runs|registered model): (\S+)$", log.read_text(), re.M)
+            re.findall(
+                r"^\s+(training runs|models|registered model): (\S+)$", log.read_text(), re.M
+            )
         )
         client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
         yield printed, client, client.get_experiment_by_name("mnist")
@@ -144,6 +146,53 @@ def test_the_printed_link_lands_on_the_training_runs_with_their_test_accuracy(
         assert accuracy in row, (name, accuracy, row)
         assert logged.data.tags["mlflow.note.content"].split(":")[0] in page
     assert "GenAI overview" not in page and "Token Usage" not in page
+
+
+@pytest.mark.heavy
+def test_the_models_link_lists_one_model_a_run_by_its_test_accuracy_on_the_test_data(
+    store, browser, screenshots
+):
+    """MLflow 3's model view: a row per evaluated run, test accuracy under the test dataset."""
+    from selenium.webdriver.common.by import By
+
+    printed, client, experiment = store
+    browser.get(printed["models"])
+    runs = runs_of(store)
+    page = wait_for_text(browser, "classifier", "test_accuracy", *runs)
+    browser.save_screenshot(str(screenshots / "models.png"))
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert sorted(model.source_run_id for model in models) == sorted(
+        found.info.run_id for found in runs.values()
+    )
+    (test_digest,) = {
+        metric.dataset_digest
+        for model in models
+        for metric in model.metrics
+        if metric.key == "test_accuracy"
+    }
+    assert f"mnist-test (#{test_digest})" in page
+    rows: dict[str, str] = {}
+    for part in browser.find_elements(By.CSS_SELECTOR, ".ag-row[row-index]"):
+        index = part.get_attribute("row-index")
+        rows[index] = f"{rows.get(index, '')}\n{part.text}"
+    # The grid may draw an empty filler row below the models.
+    rows = {index: text for index, text in rows.items() if text.strip()}
+    assert len(rows) == len(runs), rows
+    for name, logged in runs.items():
+        version = logged.data.tags["registry.version"]
+        (row,) = [text for text in rows.values() if name in text]
+        assert f"mnist-classifier\nv{version}" in row, row
+        assert f"{logged.data.metrics['test_accuracy']:g}"[:4] in row, row
+
+    # A model's page: its metrics, each with the dataset and DVC hash it was measured on.
+    (first,) = [model for model in models if model.source_run_id == runs["first-mlp"].info.run_id]
+    base = _ui_root(store)
+    browser.get(f"{base}/#/experiments/{experiment.experiment_id}/models/{first.model_id}")
+    page = wait_for_text(browser, "val_accuracy", "test_accuracy_digit_9")
+    browser.save_screenshot(str(screenshots / "model.png"))
+    for metric in first.metrics:
+        assert f"{metric.dataset_name} (#{metric.dataset_digest})" in page
+    assert "cpu_utilization" not in page
 
 
 @pytest.mark.heavy

@@ -1,8 +1,12 @@
 """The models each run logs to MLflow, with their signatures and pinned requirements.
 
-`train` logs the Keras model (`model`, Keras flavor) and, with the ONNX
-runtime, its export (`onnx_model`, ONNX flavor); `evaluate` logs the servable
-`classifier` (classifier.py as models from code) that the registry versions.
+`train` saves the Keras model (`model`, Keras flavor) and, with the ONNX
+runtime, its export (`onnx_model`, ONNX flavor) into the run as MLflow model
+folders: `runs:/RUN/model` loads them as before, but they are not MLflow 3
+LoggedModels, so the experiment's Models tab is not three rows a run with
+the same numbers. `evaluate` logs the servable `classifier` (classifier.py
+as models from code), the one LoggedModel of a run, that the registry
+versions and that metrics name by its model id (pipeline/evaluate.py).
 The classifier's requirements follow its runtime: with ONNX they are MLflow,
 onnxruntime, numpy and pandas, with no TensorFlow and no Keras.
 """
@@ -12,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import types
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 MODEL_ARTIFACT = "model"
 ONNX_ARTIFACT = "onnx_model"
 CLASSIFIER_ARTIFACT = "classifier"
+CLASSIFIER_STEP = -1
 
 _KERAS_REQUIREMENTS = ("mlflow", "tensorflow", "keras")
 # mlflow-skinny is MLflow without its server, UI and SQL stores, and serves
@@ -65,39 +69,50 @@ def _save_keras_model(path: str, **save_arguments) -> None:
     mlflow.keras.save_model(path=path, **save_arguments)
 
 
-# Model.log takes any object with a save_model function and names the flavor
-# after its __name__; this one is the Keras flavor with the fix above.
-_KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
+def _into_the_run(name: str, save) -> str:
+    """Save a model folder with `save(path)` and log it into the active run as `name`."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = os.path.join(scratch, name)
+        save(folder)
+        mlflow.log_artifacts(folder, name)
+    return f"runs:/{mlflow.active_run().info.run_id}/{name}"
 
 
-def log_keras_model(model: keras.Model, input_example: np.ndarray) -> mlflow.models.model.ModelInfo:
-    """Log `model` to the active run with the Keras flavor, its signature and an input example."""
-    from mlflow.models import Model
+def log_keras_model(model: keras.Model, input_example: np.ndarray) -> str:
+    """Save `model` into the active run with the Keras flavor, its signature and an input example.
 
-    return Model.log(
-        artifact_path=None,
-        name=MODEL_ARTIFACT,
-        flavor=_KERAS_FLAVOR,
-        model=model,
-        signature=model_signature(),
-        input_example=input_example.astype(np.float32),
-        pip_requirements=pinned(_KERAS_REQUIREMENTS),
+    Returns its URI, `runs:/RUN/model`.
+    """
+    return _into_the_run(
+        MODEL_ARTIFACT,
+        lambda path: _save_keras_model(
+            path,
+            model=model,
+            signature=model_signature(),
+            input_example=input_example.astype(np.float32),
+            pip_requirements=pinned(_KERAS_REQUIREMENTS),
+        ),
     )
 
 
-def log_onnx_model(model_file: Path, input_example: np.ndarray) -> mlflow.models.model.ModelInfo:
-    """Log the exported ONNX model to the active run with MLflow's ONNX flavor."""
+def log_onnx_model(model_file: Path, input_example: np.ndarray) -> str:
+    """Save the exported ONNX model into the active run with MLflow's ONNX flavor."""
     import mlflow.onnx
     import onnx
 
-    return mlflow.onnx.log_model(
-        onnx.load(str(model_file)),
-        name=ONNX_ARTIFACT,
-        signature=model_signature(),
-        input_example=input_example.astype(np.float32),
-        # The flavor's own loader also needs onnx itself.
-        pip_requirements=pinned((*_ONNX_REQUIREMENTS, "onnx")),
-        onnx_execution_providers=["CPUExecutionProvider"],
+    return _into_the_run(
+        ONNX_ARTIFACT,
+        lambda path: mlflow.onnx.save_model(
+            onnx.load(str(model_file)),
+            path,
+            signature=model_signature(),
+            input_example=input_example.astype(np.float32),
+            # The flavor's own loader also needs onnx itself.
+            pip_requirements=pinned((*_ONNX_REQUIREMENTS, "onnx")),
+            onnx_execution_providers=["CPUExecutionProvider"],
+        ),
     )
 
 
@@ -132,4 +147,9 @@ def log_classifier(
             signature=classifier_signature(),
             input_example=input_example.astype(np.float32),
             pip_requirements=pinned(requirements),
+            # MLflow copies onto a new model every metric of the run logged at
+            # its step without a model id (the epochs' and the system's at 0).
+            # No metric of the run has this step: the model's metrics are only
+            # those logged with its id (tracking/datasets.py).
+            step=CLASSIFIER_STEP,
         )

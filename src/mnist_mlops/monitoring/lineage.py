@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.monitoring.log_files import ROWS, log_files, read_feedback
+from mnist_mlops.paths import FEEDBACK_SNAPSHOT_FILE, PROCESSED_DATA_DIR, RAW_DATA_DIR
+from mnist_mlops.tracking.datasets import DVC_FOLDERS, run_datasets
 
 
 class LineageError(Exception):
@@ -87,11 +89,11 @@ def version_lineage(client, model_name: str, version: str) -> dict:
         "git_dirty": run_tags.get("git.dirty", ""),
         "data": {
             "processed": {
-                "path": "data/processed",
+                "path": PROCESSED_DATA_DIR.as_posix(),
                 "digest": run_tags.get("data.digest", tags.get("data.digest", "")),
             },
             "raw": {
-                "path": "data/raw",
+                "path": RAW_DATA_DIR.as_posix(),
                 "content_sha256": params.get("data.content_sha256", ""),
                 "files_sha256": {
                     key.removeprefix("data.sha256."): value
@@ -101,10 +103,16 @@ def version_lineage(client, model_name: str, version: str) -> dict:
                 "source": params.get("data.source", ""),
             },
             "feedback": {
-                "path": "data/feedback/feedback.npz",
+                "path": FEEDBACK_SNAPSHOT_FILE.as_posix(),
                 "weight": params.get("feedback.weight", ""),
                 "recent_fraction": params.get("feedback.recent_fraction", ""),
             },
+            "dvc_md5": {
+                name: run_tags[f"data.dvc.{name}"]
+                for name in DVC_FOLDERS
+                if f"data.dvc.{name}" in run_tags
+            },
+            "datasets": run_datasets(run) if run else [],
         },
         "params": {
             key: value
@@ -170,6 +178,14 @@ def render(lineage: dict) -> str:
         f"  raw data {data['raw']['content_sha256'] or '-'} ({data['raw']['path']}, "
         f"from {data['raw']['source'] or '-'})",
         f"  feedback {data['feedback']['path']} (weight {data['feedback']['weight'] or '-'})",
+        *(
+            f"  DVC {DVC_FOLDERS[name].as_posix()} {md5}"
+            for name, md5 in data.get("dvc_md5", {}).items()
+        ),
+        *(
+            f"  dataset {item['name']} {item['dvc_md5']} ({item['link']})"
+            for item in data.get("datasets", [])
+        ),
         "  params " + ", ".join(f"{key}={value}" for key, value in version["params"].items()),
         "  metrics " + ", ".join(f"{key} {value}" for key, value in version["metrics"].items()),
         f"  gate: {gate['verdict'] or '-'} ({gate['rule'] or '-'}: {gate['reason'] or '-'}), "

@@ -49,6 +49,7 @@ from mnist_mlops.pipeline.model_card import link_card, log_card, model_card
 from mnist_mlops.pipeline.preprocess import has_split, load_split
 from mnist_mlops.serving.follow import log_known_digits
 from mnist_mlops.tracking import ui
+from mnist_mlops.tracking.datasets import log_model_metrics
 from mnist_mlops.tracking.registry import (
     Gate,
     Scores,
@@ -148,11 +149,15 @@ def evaluate(config: Config) -> dict[str, float]:
     with active_run(run_id=run_id) as run:
         mlflow.set_tag(ui.NOTE_TAG, _run_note(config, run, metrics["test_accuracy"]))
         mlflow.log_image(mistakes, "mistakes.png")
-        mlflow.log_metrics(metrics)
-        per_class = result["per_class_accuracy"]
-        mlflow.log_metrics(
-            {f"test_accuracy_digit_{digit}": per_class[digit] for digit in per_class}
+        model_info = flavors.log_classifier(
+            config.serving.runtime,
+            served_model_file(config),
+            images[:1],
+            config.serving.max_batch_size,
         )
+        per_class = result["per_class_accuracy"]
+        model_id = model_info.model_id
+        log_model_metrics(run_id, model_id, metrics, per_class)
         mlflow.log_image(confusion_image(result["confusion_matrix"]), "confusion_matrix.png")
         mlflow.log_dict(per_class, "per_class_accuracy.json")
         mlflow.log_artifact(str(REFERENCE_FILE), REFERENCE_ARTIFACT_DIR)
@@ -160,8 +165,10 @@ def evaluate(config: Config) -> dict[str, float]:
         log_known_digits(images, labels, result["predicted"])
         if champion[1] is not None and champion[1].recent_accuracy is not None:
             mlflow.log_metric("champion_recent_accuracy", champion[1].recent_accuracy)
-        registration = _register(config, run, scores, champion, images[:1])
-        card = model_card(config, mlflow.get_run(run_id), registration, metrics, per_class, source)
+        registration = _register(config, run, scores, champion, model_info.model_uri)
+        card = model_card(
+            config, mlflow.get_run(run_id), registration, metrics, per_class, source, model_id
+        )
         link_card(
             mlflow.MlflowClient(), registration, log_card(mlflow.MlflowClient(), card, run_id)
         )
@@ -248,9 +255,9 @@ def _before(champion: tuple) -> dict:
     return before
 
 
-def _register(config: Config, run, scores: Scores, champion: tuple, example: np.ndarray):
-    """Log the servable classifier to the run, register it, and let the gate and reconciliation
-    decide the champion (tracking/registry.py, tracking/promotion.py)."""
+def _register(config: Config, run, scores: Scores, champion: tuple, model_uri: str):
+    """Register the servable classifier, and let the gate and reconciliation decide the champion
+    (tracking/registry.py, tracking/promotion.py)."""
     tags = dict(run.data.tags) if run.data.tags else {}
     provenance = {
         "run_id": run.info.run_id,
@@ -262,9 +269,6 @@ def _register(config: Config, run, scores: Scores, champion: tuple, example: np.
     if tags.get("dvc.exp_name"):
         provenance["dvc.exp_name"] = tags["dvc.exp_name"]
     runtime = config.serving.runtime
-    model_info = flavors.log_classifier(
-        runtime, served_model_file(config), example, config.serving.max_batch_size
-    )
     served_by = {
         "onnx": "ONNX Runtime on the ONNX export (checked against Keras; no TensorFlow)",
         "keras": "Keras on TensorFlow",
@@ -283,7 +287,7 @@ def _register(config: Config, run, scores: Scores, champion: tuple, example: np.
     # No lock: evaluators on any machine may register at once, and
     # reconciliation leaves the best eligible version champion whatever the order.
     return register(
-        model_info.model_uri,
+        model_uri,
         config.registry.model_name,
         scores,
         Gate(config.registry.promotion_margin, config.registry.test_tolerance),

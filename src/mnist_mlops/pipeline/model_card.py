@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 
+from mnist_mlops.paths import FEEDBACK_DATA_DIR, PROCESSED_DATA_DIR, RAW_DATA_DIR
+from mnist_mlops.tracking.datasets import run_datasets
+
 CARD_DIR = "model_card"
 INTENDED_USE = (
     "Classifying 28×28 grayscale images of one handwritten digit (0–9), white on black, "
@@ -26,8 +29,10 @@ LIMITATIONS = (
 )
 
 
-def model_card(config, run, registration, metrics: dict, per_class: dict, reference: str) -> dict:
-    """The card of the version `registration` made from `run`, as a JSON-ready dict."""
+def model_card(
+    config, run, registration, metrics: dict, per_class: dict, reference: str, model_id: str = ""
+) -> dict:
+    """The card of the version `registration` (LoggedModel `model_id`) made from `run`."""
     tags, params = run.data.tags or {}, run.data.params or {}
     return {
         "schema_version": "0.0.2",
@@ -44,6 +49,7 @@ def model_card(config, run, registration, metrics: dict, per_class: dict, refere
                 "dirty": tags.get("git.dirty", ""),
             },
             "mlflow_run_id": run.info.run_id,
+            "mlflow_model_id": model_id,
         },
         "model_parameters": {
             "model_architecture": config.model_name,
@@ -52,24 +58,7 @@ def model_card(config, run, registration, metrics: dict, per_class: dict, refere
                 for key, value in sorted(params.items())
                 if key.startswith(("model.", "optimizer.", "train."))
             },
-            "data": [
-                {
-                    "name": "raw MNIST",
-                    "link": "data/raw",
-                    "sha256": params.get("data.content_sha256", ""),
-                    "source": params.get("data.source", ""),
-                },
-                {
-                    "name": "processed splits",
-                    "link": "data/processed",
-                    "digest": tags.get("data.digest", ""),
-                },
-                {
-                    "name": "feedback",
-                    "link": "data/feedback/feedback.npz",
-                    "weight": params.get("feedback.weight", ""),
-                },
-            ],
+            "data": card_data(run),
         },
         "quantitative_analysis": {
             "performance_metrics": [
@@ -94,6 +83,36 @@ def model_card(config, run, registration, metrics: dict, per_class: dict, refere
     }
 
 
+def card_data(run) -> list[dict]:
+    """The data the version was trained and measured on, with DVC's hashes (tracking/datasets.py).
+
+    The folders as dvc.lock records them, then each dataset the run logged.
+    """
+    tags, params = run.data.tags or {}, run.data.params or {}
+    folders = [
+        {
+            "name": "raw MNIST",
+            "link": RAW_DATA_DIR.as_posix(),
+            "dvc_md5": tags.get("data.dvc.raw", ""),
+            "sha256": params.get("data.content_sha256", ""),
+            "source": params.get("data.source", ""),
+        },
+        {
+            "name": "processed splits",
+            "link": PROCESSED_DATA_DIR.as_posix(),
+            "dvc_md5": tags.get("data.dvc.processed", ""),
+            "digest": tags.get("data.digest", ""),
+        },
+        {
+            "name": "feedback",
+            "link": FEEDBACK_DATA_DIR.as_posix(),
+            "dvc_md5": tags.get("data.dvc.feedback", ""),
+            "weight": params.get("feedback.weight", ""),
+        },
+    ]
+    return folders + run_datasets(run)
+
+
 def markdown(card: dict) -> str:
     """The card for people."""
     details, parameters = card["model_details"], card["model_parameters"]
@@ -107,6 +126,7 @@ def markdown(card: dict) -> str:
         "## Model details",
         "",
         f"- MLflow run: `{details['mlflow_run_id']}`",
+        f"- MLflow model: `models:/{details['mlflow_model_id']}`",
         f"- git commit: `{details['git']['commit']}`"
         + (" (with uncommitted changes)" if details["git"]["dirty"] == "true" else ""),
         "",

@@ -34,8 +34,9 @@ from mnist_mlops.paths import (
 )
 from mnist_mlops.pipeline import distributed
 from mnist_mlops.pipeline.preprocess import load_manifest, load_split, load_weights
+from mnist_mlops.tracking.datasets import log_training_data
 from mnist_mlops.tracking.outage import RunLog, patient_requests, system_metrics
-from mnist_mlops.tracking.runs import active_run, log_dataset, provenance_tags, termination_deferred
+from mnist_mlops.tracking.runs import active_run, provenance_tags, termination_deferred
 from mnist_mlops.tracking.store import use_experiment
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -127,10 +128,7 @@ def train(
         if "feedback" in manifest:
             feedback = manifest["feedback"]
             mlflow.set_tags({f"data.feedback.{key}": str(value) for key, value in feedback.items()})
-        log_dataset(
-            mlflow.data.from_numpy(train_images, name="mnist-train", digest=data_digest[:16]),
-            context="training",
-        )
+        log_training_data()
         started = time.perf_counter()
         with (
             RunLog(run.info.run_id, outage) as run_log,
@@ -151,14 +149,13 @@ def train(
             fit_seconds = time.perf_counter() - started
             run_log.metrics({"fit_seconds": fit_seconds})
             after_the_fit.enter_context(patient_requests(outage))
-            model_info = save_and_log(config, network, validation_images, history, outputs)
+            model_uri = save_and_log(config, network, validation_images, history, outputs)
         write_json(
             outputs.run_file,
             {
                 "run_id": run.info.run_id,
                 "experiment_id": experiment_id,
-                "model_uri": f"runs:/{run.info.run_id}/{flavors.MODEL_ARTIFACT}",
-                "logged_model_uri": model_info.model_uri,
+                "model_uri": model_uri,
             },
         )
     final = {name: float(values[-1]) for name, values in history.items()}
@@ -227,20 +224,20 @@ def fit(
 
 
 def save_and_log(config: Config, network, validation_images, history, outputs: TrainOutputs):
-    """Save the fitted model and its curves, and log them to the run; return the model's info."""
+    """Save the fitted model and its curves, and log them to the run; return the model's URI."""
     import mlflow
 
     # From here on Keras's progress bars (MLflow checks the input example
     # with model.predict) would only clutter the stage's output.
     import_keras().config.disable_interactive_logging()
     save_models(config, network, validation_images, outputs)
-    model_info = flavors.log_keras_model(network, validation_images[:1])
+    model_uri = flavors.log_keras_model(network, validation_images[:1])
     if config.serving.runtime == "onnx":
         flavors.log_onnx_model(outputs.onnx_file, validation_images[:1])
     curves = curves_csv(history)
     write_text(outputs.curves_file, curves)
     mlflow.log_text(curves, "training.csv")
-    return model_info
+    return model_uri
 
 
 def save_models(config: Config, network, validation_images, outputs: TrainOutputs) -> None:

@@ -103,12 +103,17 @@ def save_view(client, experiment_id: str) -> None:
 
 
 def links(base_url: str, experiment_id: str | None, model_name: str) -> dict[str, str]:
-    """Direct links into the UI: the training runs (in the saved view) and the registered model."""
+    """Direct links into the UI: the training runs (in the saved view), the experiment's
+    models (one per evaluated run, with the metrics measured on each dataset) and the
+    registered model."""
     found = {}
     if experiment_id is not None:
         found["training runs"] = (
             f"{base_url}/#/experiments/{experiment_id}/runs"
             f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+        )
+        found["models"] = (
+            f"{base_url}/#/experiments/{experiment_id}/models?workflowType=machine_learning"
         )
     found["registered model"] = f"{base_url}/#/models/{model_name}"
     return found
