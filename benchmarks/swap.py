@@ -39,23 +39,26 @@ from benchmarks.common import (
 MODEL = "mnist-classifier"
 
 
-def register_twice(store: Path) -> None:
-    """v1 and v2 of the project's ONNX export, v1 champion, in a store of their own."""
+def register_twice(store: Path, tracking_uri: str = "") -> None:
+    """v1 and v2 of the project's ONNX export, v1 champion, in a store of their own
+    (or on the tracking server at `tracking_uri`)."""
     import mlflow
 
     from mnist_mlops.model.export import inference_session, predict_probabilities
     from mnist_mlops.model.flavors import log_classifier
-    from mnist_mlops.serving.follow import log_known_digits
+    from mnist_mlops.serving.follow import known_digits
 
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    mlflow.set_tracking_uri(tracking_uri or f"sqlite:///{store / 'mlflow.db'}")
     images, labels = test_images(200)
     onnx_file = PROJECT / "models" / "model.onnx"
     predicted = predict_probabilities(inference_session(onnx_file), images).argmax(axis=1)
+    known = known_digits(images, labels, predicted)
     client = mlflow.MlflowClient()
     for _ in range(2):
         with mlflow.start_run():
-            info = log_classifier("onnx", onnx_file, images[:1], 1024)
-            log_known_digits(images, labels, predicted)
+            info = log_classifier(
+                "onnx", onnx_file, images[:1], 1024, (images[known], labels[known])
+            )
             mlflow.register_model(info.model_uri, MODEL)
     client.set_registered_model_alias(MODEL, "champion", "1")
 

@@ -33,6 +33,9 @@ PER_CLASS_FILE = REPORTS_DIR / "per_class_accuracy.json"
 PREDICTIONS_FILE = REPORTS_DIR / "predictions.csv"
 MISTAKES_FILE = REPORTS_DIR / "mistakes.png"
 REGISTRY_FILE = REPORTS_DIR / "registry.json"
+# The temperature fitted on the validation split, and its reliability diagram.
+CALIBRATION_FILE = REPORTS_DIR / "calibration.json"
+RELIABILITY_FILE = REPORTS_DIR / "reliability.png"
 # Features and predictions of the validation split: what the monitor compares traffic with.
 REFERENCE_FILE = REPORTS_DIR / "reference.npz"
 MONITORING_REPORTS_DIR = REPORTS_DIR / "monitoring"

@@ -374,7 +374,13 @@ def test_batch_input_from_an_npz_and_a_folder_of_images(store, tmp_path):
         # Dark ink on white paper, larger than 28×28, as a scanner gives it.
         Image.fromarray(255 - images[index]).resize((84, 84)).save(folder / f"scan-{index}.png")
     run([*command, str(folder), str(tmp_path / "scans.parquet")], directory, env)
-    scored = score(store, str(tmp_path / "scans.parquet"), str(tmp_path / "scans-out"))
+    # The champion named by its MLflow 3 model id scores as well as by its alias.
+    champion = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_model_version_by_alias(
+        "mnist-classifier", "champion"
+    )
+    assert champion.source.startswith("models:/m-")
+    scans = (str(tmp_path / "scans.parquet"), str(tmp_path / "scans-out"))
+    scored = score(store, *scans, "--model-uri", champion.source)
     assert scored.stdout.strip().splitlines()[-1].startswith("scored 3 images, rejected 0")
     output = ds.dataset(tmp_path / "scans-out", format="parquet").to_table()
     assert sorted(output.column("id").to_pylist()) == ["scan-0.png", "scan-1.png", "scan-2.png"]

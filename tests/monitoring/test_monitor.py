@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from mnist_mlops.monitoring.calibration import calibrated
 from mnist_mlops.monitoring.inference_log import InferenceLog, LogSettings, save_feedback
 from mnist_mlops.pipeline.preprocess import load_split
 
@@ -82,6 +83,21 @@ def test_clean_traffic_is_ok_and_its_realized_accuracy_is_exact(project, tmp_pat
     assert summary["accuracy"]["value"] == pytest.approx((predicted == labels[:30]).mean())
     assert summary["accuracy"]["low"] <= summary["accuracy"]["value"] <= summary["accuracy"]["high"]
     assert result.stdout.startswith(f"monitor: mnist-classifier v1, {len(images)} rows: ok")
+    # The accuracy estimated without labels: the mean top probability calibrated by the
+    # temperature evaluate fitted (reports/calibration.json), per digit too.
+    directory = project[0]
+    fitted = json.loads((directory / "reports" / "calibration.json").read_text())
+    assert fitted["temperature"] > 0 and fitted["examples"] > 0
+    assert (directory / "reports" / "reliability.png").stat().st_size > 0
+    answered = np.array([row["probabilities"] for row in model.predict(images)])
+    expected = calibrated(answered, fitted["temperature"]).max(axis=1).mean()
+    estimated = summary["estimated"]["estimated_accuracy"]
+    assert estimated["value"] == pytest.approx(expected, abs=1e-4)
+    assert estimated["low"] <= estimated["value"] <= estimated["high"]
+    assert f"estimated accuracy {estimated['value']:.4f}" in result.stdout
+    per_digit = summary["estimated"]["per_digit"]
+    assert sum(item["share"] for item in per_digit) == pytest.approx(1.0)
+    assert sum(item["labelled_rows"] for item in per_digit) == 30
     reports = tmp_path / "clean-reports"
     assert {path.name for path in reports.iterdir()} == {
         "summary.json",
@@ -96,6 +112,11 @@ def test_clean_traffic_is_ok_and_its_realized_accuracy_is_exact(project, tmp_pat
     assert latest.data.tags["verdict"] == "ok" and latest.data.tags["model_version"] == "1"
     assert latest.data.metrics["rows"] == len(images)
     assert latest.data.metrics["accuracy"] == pytest.approx(summary["accuracy"]["value"])
+    assert latest.data.metrics["estimated_accuracy"] == pytest.approx(estimated["value"])
+    assert (
+        "share_digit_0" in latest.data.metrics
+        and "estimated accuracy" in (reports / "report.html").read_text()
+    )
     artifacts = {item.path for item in client.list_artifacts(latest.info.run_id, "monitoring")}
     assert "monitoring/report.html" in artifacts
 
@@ -138,6 +159,10 @@ def test_noise_is_drift_and_reaches_a_pushgateway(project, tmp_path):
     assert "next: send the true digits back" in result.stdout and "make retrain" in result.stdout
     drift = [line for line in pushed.splitlines() if line.startswith("mnist_monitor_drift{")]
     assert drift and 'model_version="1"' in drift[0] and drift[0].endswith(" 1")
+    # What the ModelEstimatedAccuracyLow alert compares, pushed side by side.
+    for gauge in ("mnist_monitor_estimated_accuracy{", "mnist_monitor_test_accuracy{"):
+        (line,) = [line for line in pushed.splitlines() if line.startswith(gauge)]
+        assert 'model_version="1"' in line and 0 < float(line.split()[-1]) <= 1
 
 
 def test_too_few_rows_an_empty_log_and_another_version(project, tmp_path):

@@ -136,10 +136,9 @@ def test_feedback_trains_the_older_part_and_the_gate_judges_on_the_recent_part(w
     assert run.data.tags["data.digest"] == load_manifest()["digest"]
     assert run.data.tags["data.feedback.recent"] == "20"
     assert str(client.get_model_version_by_alias(MODEL, CHAMPION).version) == "2"
-    known = mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="serving/known_digits.npz"
-    )
-    with np.load(known) as archive:
+    # The classifier carries the known digits a following server checks it on.
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL}/2").unwrap_python_model()
+    with np.load(served.known_digits) as archive:
         assert sorted(archive["labels"].tolist()) == list(range(10))
 
     # The same model evaluated again ties the champion on the recent split: not promoted.

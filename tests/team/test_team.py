@@ -8,7 +8,6 @@ import base64
 import http.client
 import json
 import os
-import secrets
 import subprocess
 import sys
 import urllib.error
@@ -23,7 +22,6 @@ from mnist_mlops.tracking import history
 
 from ..conftest import (
     REPO_ROOT,
-    TINY_DATA,
     compose_config,
     copy_project,
     free_port,
@@ -33,44 +31,7 @@ from ..conftest import (
     subprocess_env,
     tls_context,
 )
-
-TINY = (*TINY_DATA, "train.batch_size=32")
-
-
-@pytest.fixture(scope="module")
-def team_server(postgres, tmp_path_factory):
-    """`mnist-mlops tracking-server` on PostgreSQL; yields its URL and the admin password."""
-    admin_uri, postgres_port = postgres
-    artifacts = tmp_path_factory.mktemp("team-artifacts")
-    password = f"team-{secrets.token_hex(10)}"
-    backend = f"postgresql://mlflow:{secrets.token_hex(10)}@127.0.0.1:{postgres_port}/mlflow"
-    port = free_port()
-    command = [
-        *(sys.executable, "-m", "mnist_mlops", "tracking-server"),
-        *("--backend-store-uri", backend, "--admin-uri", admin_uri),
-        *("--artifacts-destination", str(artifacts), "--port", str(port)),
-    ]
-    env = subprocess_env(MLFLOW_TRACKING_ADMIN_PASSWORD=password)
-    with serving(command, env, f"http://127.0.0.1:{port}", "/health") as url:
-        yield url, password, artifacts
-
-
-def team_env(team_server, **extra) -> dict:
-    url, password, _artifacts = team_server
-    credentials = {
-        "MLFLOW_TRACKING_URI": url,
-        "MLFLOW_TRACKING_USERNAME": "admin",
-        "MLFLOW_TRACKING_PASSWORD": password,
-    }
-    return subprocess_env(**{**credentials, **extra})
-
-
-@pytest.fixture
-def team_client(team_server, monkeypatch):
-    url, password, _artifacts = team_server
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    return MlflowClient(url)
+from .conftest import TINY, team_env
 
 
 def tiny_clone(directory: Path) -> Path:

@@ -118,6 +118,10 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
         f"test, digit {digit}": value for digit, value in per_class.items()
     }
     assert card["model_details"]["version"]["name"] == "1"
+    fitted = json.loads((workdir / "reports" / "calibration.json").read_text())
+    calibration = card["quantitative_analysis"]["calibration"]
+    assert calibration["calibration_temperature"] == pytest.approx(fitted["temperature"])
+    assert calibration["ece_after"] == pytest.approx(fitted["ece_after"])
     assert card["model_details"]["git"]["commit"] == version.tags["git.commit"]
     data = {item["name"]: item for item in card["model_parameters"]["data"]}
     assert data["processed splits"]["digest"] == run.data.tags["data.digest"]

@@ -34,6 +34,9 @@ MAX_PIXEL = 255
 ONNX_ARTIFACT = "onnx_model"
 KERAS_ARTIFACT = "keras_model"
 SETTINGS_ARTIFACT = "serving_settings"
+# One correctly classified test image per digit, which a server following an
+# alias checks a new version on before it serves it (serving/follow.py).
+KNOWN_DIGITS_ARTIFACT = "known_digits"
 DEFAULT_MAX_BATCH_SIZE = 1024
 
 
@@ -78,6 +81,7 @@ class MnistClassifier(PythonModel):
             with open(context.artifacts[SETTINGS_ARTIFACT]) as stream:
                 settings = json.load(stream)
         self.max_batch_size = int(settings.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
+        self.known_digits = context.artifacts.get(KNOWN_DIGITS_ARTIFACT)
         if ONNX_ARTIFACT in context.artifacts:
             self.probabilities = _onnx_runtime(context.artifacts[ONNX_ARTIFACT])
         else:

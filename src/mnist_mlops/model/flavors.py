@@ -125,9 +125,14 @@ def classifier_signature() -> mlflow.models.ModelSignature:
 
 
 def log_classifier(
-    runtime: str, model_file: Path, input_example: np.ndarray, max_batch_size: int
+    runtime: str,
+    model_file: Path,
+    input_example: np.ndarray,
+    max_batch_size: int,
+    known_digits: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> mlflow.models.model.ModelInfo:
-    """Log the servable classifier around `model_file` (ONNX or Keras) to the active run."""
+    """Log the servable classifier around `model_file` (ONNX or Keras) to the active run,
+    with the `known_digits` (images, labels) that a following server checks it on."""
     import mlflow
 
     from mnist_mlops.model import classifier
@@ -137,12 +142,21 @@ def log_classifier(
     with tempfile.TemporaryDirectory() as scratch:
         settings_file = Path(scratch) / "serving.json"
         settings_file.write_text(json.dumps({"max_batch_size": max_batch_size, "runtime": runtime}))
+        known = {}
+        if known_digits is not None:
+            known[classifier.KNOWN_DIGITS_ARTIFACT] = str(Path(scratch) / "known_digits.npz")
+            np.savez(
+                known[classifier.KNOWN_DIGITS_ARTIFACT],
+                images=known_digits[0],
+                labels=known_digits[1],
+            )
         return mlflow.pyfunc.log_model(
             name=CLASSIFIER_ARTIFACT,
             python_model=classifier.__file__,
             artifacts={
                 model_artifact: str(model_file),
                 classifier.SETTINGS_ARTIFACT: str(settings_file),
+                **known,
             },
             signature=classifier_signature(),
             input_example=input_example.astype(np.float32),

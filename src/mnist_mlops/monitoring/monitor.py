@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_mlops.monitoring.calibration import estimate_words, health, per_digit_metrics
 from mnist_mlops.monitoring.drift import DRIFT, OK, TOO_FEW, Check, check
 from mnist_mlops.monitoring.log_files import read_feedback, read_rows
 from mnist_mlops.monitoring.reference import REFERENCE_ARTIFACT_DIR, load_reference
@@ -160,7 +161,9 @@ def run_monitor(settings: MonitorSettings) -> tuple[int, str]:
     else:
         result = Check(TOO_FEW, 0, settings.alpha, settings.alpha / 9, settings.min_effect)
     test_accuracy = version.tags.get("test_accuracy")
+    estimated = health(rows["probabilities"], reference, truth) if count else None
     context = {
+        "estimated": estimated,
         "model_name": name,
         "model_version": number,
         "model_uri": settings.model_uri,
@@ -196,6 +199,8 @@ def _line(summary: dict, logged: dict, count: int, rows: dict, min_rows: int) ->
     if not count and logged:
         versions = sorted(set(logged["model_version"].tolist()))
         line += f" (the log holds rows of version(s) {', '.join(versions)})"
+    if summary.get("estimated"):
+        line += f"; {estimate_words(summary['estimated'])}"
     if summary["accuracy"]:
         accuracy = summary["accuracy"]
         line += (
@@ -239,6 +244,13 @@ def _metrics(summary: dict) -> dict[str, float]:
     if summary["accuracy"]:
         metrics["accuracy"] = summary["accuracy"]["value"]
         metrics["labelled_rows"] = summary["accuracy"]["rows"]
+    if summary.get("estimated"):
+        estimated = summary["estimated"]["estimated_accuracy"]
+        metrics["estimated_accuracy"] = estimated["value"]
+        metrics["estimated_accuracy_low"] = estimated["low"]
+        metrics["estimated_accuracy_high"] = estimated["high"]
+    if summary["test_accuracy"] is not None:
+        metrics["test_accuracy"] = summary["test_accuracy"]
     return metrics
 
 
@@ -258,6 +270,7 @@ def _log_run(settings: MonitorSettings, summary: dict) -> None:
             }
         )
         mlflow.log_metrics(_metrics(summary))
+        mlflow.log_metrics(per_digit_metrics(summary.get("estimated")))
         mlflow.log_artifacts(str(settings.reports_dir), "monitoring")
 
 

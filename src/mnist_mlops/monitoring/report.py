@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.atomic import atomic_directory
+from mnist_mlops.monitoring.calibration import estimate_words
 from mnist_mlops.monitoring.drift import Check
 from mnist_mlops.monitoring.features import FEATURES
 
@@ -77,6 +78,7 @@ def page(summary: dict, png: bytes) -> str:
 {html.escape(summary["window"]["last"])}; each test at alpha {summary["alpha"]} / 9 =
 {summary["threshold"]:.4g} (Bonferroni).</p>
 <p>Realized accuracy: {realized}; test accuracy {summary["test_accuracy"]}.</p>
+{_health(summary.get("estimated"))}
 <table><tr><th>test</th><th>statistic</th><th>p-value</th><th>effect</th><th>reference mean</th>
 <th>traffic mean</th></tr>
 {rows}</table>
@@ -84,6 +86,26 @@ def page(summary: dict, png: bytes) -> str:
  src="data:image/png;base64,{base64.b64encode(png).decode()}">
 </body></html>
 """
+
+
+def _health(estimated: dict | None) -> str:
+    """The estimated accuracy (calibration.py) and the per-digit table."""
+    if not estimated:
+        return ""
+    number = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
+    rows = "".join(
+        f"<tr><td>{item['digit']}</td><td>{number(item['share'])}</td>"
+        f"<td>{number(item['reference_share'])}</td><td>{number(item['mean_confidence'])}</td>"
+        f"<td>{number(item['estimated_accuracy'])}</td><td>{number(item['realized_accuracy'])}"
+        f" ({item['labelled_rows']})</td></tr>"
+        for item in estimated["per_digit"]
+    )
+    return (
+        f"<p>{html.escape(estimate_words(estimated))}: the mean calibrated top probability "
+        f"(temperature {estimated['temperature']:.3f}).</p><table><tr><th>predicted digit</th>"
+        "<th>share</th><th>reference share</th><th>mean confidence</th>"
+        f"<th>estimated accuracy</th><th>realized accuracy (rows)</th></tr>{rows}</table>"
+    )
 
 
 def foreign_files(directory: Path) -> list[str]:

@@ -17,8 +17,6 @@ judges by both (tracking/registry.py).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 
 import numpy as np
@@ -27,6 +25,7 @@ from mnist_mlops.atomic import atomic_path, write_json, write_text
 from mnist_mlops.config import Config
 from mnist_mlops.model import flavors
 from mnist_mlops.model.architectures import INFERENCE_BATCH_SIZE, NUM_CLASSES, import_keras
+from mnist_mlops.monitoring.calibration import calibrate, log_calibration
 from mnist_mlops.monitoring.reference import (
     REFERENCE_ARTIFACT_DIR,
     reference_profile,
@@ -44,10 +43,10 @@ from mnist_mlops.paths import (
     REGISTRY_FILE,
     RUN_FILE,
 )
-from mnist_mlops.pipeline.figures import confusion_image, mistakes_image
+from mnist_mlops.pipeline.figures import confusion_image, mistakes_image, predictions_csv
 from mnist_mlops.pipeline.model_card import link_card, log_card, model_card
 from mnist_mlops.pipeline.preprocess import has_split, load_split
-from mnist_mlops.serving.follow import log_known_digits
+from mnist_mlops.serving.follow import known_digits
 from mnist_mlops.tracking import ui
 from mnist_mlops.tracking.datasets import log_model_metrics
 from mnist_mlops.tracking.registry import (
@@ -90,14 +89,6 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     }
 
 
-def predictions_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["actual", "predicted"])
-    writer.writerows(zip(labels.tolist(), predicted.tolist(), strict=True))
-    return buffer.getvalue()
-
-
 def served_model_file(config: Config):
     """The model file that the configured runtime scores and serves."""
     return ONNX_MODEL_FILE if config.serving.runtime == "onnx" else MODEL_FILE
@@ -137,9 +128,13 @@ def evaluate(config: Config) -> dict[str, float]:
     # The champion is judged on the same recent images, before this version exists.
     champion = champion_scores(config, recent_images, recent_labels)
 
+    validation = load_split("validation")
+    calibration = calibrate(served_probabilities(config, validation[0]), validation[1])
     source = reference_source(metrics["recent_examples"])
-    reference_images = recent_images if source == "recent" else load_split("validation")[0]
+    reference_images = recent_images if source == "recent" else validation[0]
     reference = reference_profile(reference_images, served_probabilities(config, reference_images))
+    # The monitor estimates accuracy from confidence calibrated by this temperature.
+    reference["temperature"] = np.float64(calibration["temperature"])
     save_reference(REFERENCE_FILE, reference)
     write_json(PER_CLASS_FILE, result["per_class_accuracy"])
     write_text(PREDICTIONS_FILE, predictions_csv(labels, result["predicted"]))
@@ -149,11 +144,14 @@ def evaluate(config: Config) -> dict[str, float]:
     with active_run(run_id=run_id) as run:
         mlflow.set_tag(ui.NOTE_TAG, _run_note(config, run, metrics["test_accuracy"]))
         mlflow.log_image(mistakes, "mistakes.png")
+        log_calibration(calibration)
+        known = known_digits(images, labels, result["predicted"])
         model_info = flavors.log_classifier(
             config.serving.runtime,
             served_model_file(config),
             images[:1],
             config.serving.max_batch_size,
+            (images[known], labels[known]),
         )
         per_class = result["per_class_accuracy"]
         model_id = model_info.model_id
@@ -162,7 +160,6 @@ def evaluate(config: Config) -> dict[str, float]:
         mlflow.log_dict(per_class, "per_class_accuracy.json")
         mlflow.log_artifact(str(REFERENCE_FILE), REFERENCE_ARTIFACT_DIR)
         mlflow.set_tag("reference.source", source)
-        log_known_digits(images, labels, result["predicted"])
         if champion[1] is not None and champion[1].recent_accuracy is not None:
             mlflow.log_metric("champion_recent_accuracy", champion[1].recent_accuracy)
         registration = _register(config, run, scores, champion, model_info.model_uri)

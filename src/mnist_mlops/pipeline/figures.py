@@ -6,6 +6,9 @@ import, a fifth of the whole stage.
 
 from __future__ import annotations
 
+import csv
+import io
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -110,3 +113,11 @@ def mistakes_image(
         )
         draw.text((left + tile / 2, upper + tile + 4), caption, fill=INK, font=small, anchor="mt")
     return image
+
+
+def predictions_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(zip(labels.tolist(), predicted.tolist(), strict=True))
+    return buffer.getvalue()

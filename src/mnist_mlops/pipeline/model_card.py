@@ -24,8 +24,9 @@ INTENDED_USE = (
 LIMITATIONS = (
     "Trained on MNIST's digits only: strokes much thicker or thinner, noise, shifted or "
     "rotated digits, and anything that is not a single centred digit lower its accuracy "
-    "(the monitor's drift checks watch for that traffic). Its probabilities are the "
-    "softmax's, not calibrated."
+    "(the monitor's drift checks watch for that traffic). It serves the softmax's "
+    "probabilities, which are over-confident; the monitor calibrates them by the temperature "
+    "below before it estimates accuracy from them."
 )
 
 
@@ -69,6 +70,11 @@ def model_card(
                 {"type": "accuracy", "value": value, "slice": f"test, digit {digit}"}
                 for digit, value in sorted(per_class.items())
             ],
+            "calibration": {
+                key: value
+                for key, value in (run.data.metrics or {}).items()
+                if key in ("calibration_temperature", "ece_before", "ece_after")
+            },
         },
         "considerations": {
             "use_cases": [{"description": INTENDED_USE}],
@@ -152,6 +158,13 @@ def markdown(card: dict) -> str:
             f"| {metric['type']} | {metric['slice']} | {_number(metric['value'])} |"
             for metric in card["quantitative_analysis"]["performance_metrics"]
         ),
+        "",
+        "Calibration on the validation split: "
+        + ", ".join(
+            f"{key} {_number(value)}"
+            for key, value in card["quantitative_analysis"]["calibration"].items()
+        )
+        + ".",
         "",
         "## Intended use",
         "",

@@ -76,6 +76,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="for a models:/NAME@ALIAS URI, check the alias this often and swap a new version "
         "in without a restart (0: never)",
     )
+    serving.add_argument(
+        "--webhook-url",
+        default="",
+        help="following an alias on a tracking server, the URL it calls when the alias moves "
+        "(default: http://HOST:PORT/hooks/mlflow, loopback for a wildcard HOST)",
+    )
+    serving.add_argument(
+        "--no-webhook", action="store_true", help="register no webhook: look every period alone"
+    )
     serving.set_defaults(run=serve)
 
     client = commands.add_parser("predict", help="classify digit images with the served model")
@@ -153,6 +162,7 @@ def serve(arguments: argparse.Namespace) -> int:
     from mnist_mlops.monitoring.inference_log import LogSettings
     from mnist_mlops.serving.server import Observation
     from mnist_mlops.serving.server import serve as run_server
+    from mnist_mlops.serving.webhook import hook_url as url_of_hook
 
     try:
         log = None
@@ -176,11 +186,13 @@ def serve(arguments: argparse.Namespace) -> int:
         metrics=not arguments.no_metrics, log=log, access_log=arguments.access_log
     )
     where = (arguments.model_uri, arguments.host, arguments.port)
+    hook_url = "" if arguments.no_webhook else arguments.webhook_url
+    hook_url = hook_url or ("" if arguments.no_webhook else url_of_hook(*where[1:]))
     if arguments.workers > 1:
         from mnist_mlops.serving.workers import supervise
 
-        return supervise(*where, observation, arguments.follow_seconds, arguments.workers)
-    return run_server(*where, observation, arguments.follow_seconds)
+        return supervise(*where, observation, arguments.follow_seconds, arguments.workers, hook_url)
+    return run_server(*where, observation, arguments.follow_seconds, hook_url)
 
 
 def predict(arguments: argparse.Namespace) -> int:

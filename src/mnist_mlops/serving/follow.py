@@ -1,9 +1,11 @@
 """The server follows an alias: a new champion is loaded, checked and swapped in without a restart.
 
 Every `interval` seconds a thread asks the registry which version the alias
-names. On a change it loads that version beside the one being served, has
-it classify the known digits its evaluation logged (one correctly classified
-test image per digit, `serving/known_digits.npz` in its run), and only if it
+names (at once when a registry webhook calls, webhook.py). On a change it
+loads that version beside the one being served, has it classify the known
+digits its evaluation logged (one correctly classified test image per digit,
+inside the classifier; `serving/known_digits.npz` in the run of a version
+from before that), and only if it
 answers every one correctly swaps it in: one assignment, so a request in
 flight finishes on the version it started with and the next one gets the
 new. A version that fails to load or to answer is refused with one line and
@@ -24,28 +26,21 @@ from pathlib import Path
 import numpy as np
 
 KNOWN_DIGITS_ARTIFACT = "serving/known_digits.npz"
-# The workers of one server (workers.py) announce a swap in a file that the
-# others look at this often, so that they all follow within one load.
-HINT_SECONDS = 0.5
+# The workers of one server (workers.py) announce a new version in a file that
+# the others look at this often, so that they all load it at once.
+HINT_SECONDS = 0.1
 ANNOUNCED_FILE = "announced-version"
 
 
 def known_digits(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Indices of the first correctly classified image of each digit (digits never right: none)."""
+    """Indices of the first correctly classified image of each digit (digits never right: none).
+
+    evaluate logs those images inside the classifier (model/flavors.py), so a
+    server reads them with the model; older versions have them in their run.
+    """
     right = np.flatnonzero(labels == predicted)
     _digits, first = np.unique(labels[right], return_index=True)
     return right[first]
-
-
-def log_known_digits(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> None:
-    """Log one correctly classified test image per digit: what a server checks a new version on."""
-    import mlflow
-
-    chosen = known_digits(images, labels, predicted)
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / Path(KNOWN_DIGITS_ARTIFACT).name
-        np.savez(path, images=images[chosen], labels=labels[chosen])
-        mlflow.log_artifact(str(path), str(Path(KNOWN_DIGITS_ARTIFACT).parent))
 
 
 class VersionRefused(Exception):
@@ -61,9 +56,10 @@ def check_answers(model, run_id: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    inside = getattr(_python_model(model), "known_digits", None)
     with tempfile.TemporaryDirectory() as directory:
         try:
-            path = mlflow.artifacts.download_artifacts(
+            path = inside or mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=KNOWN_DIGITS_ARTIFACT, dst_path=directory
             )
             with np.load(path, allow_pickle=False) as archive:
@@ -84,6 +80,13 @@ def check_answers(model, run_id: str) -> str:
     if wrong:
         raise VersionRefused(f"it misclassifies the known digit(s) {wrong}")
     return f"{len(labels)} known digits"
+
+
+def _python_model(model):
+    try:
+        return model.unwrap_python_model()
+    except Exception:
+        return None
 
 
 class Follower:
@@ -112,6 +115,8 @@ class Follower:
         self._refused: set[str] = set()
         self._unreachable = False
         self._stop = threading.Event()
+        # Set by a webhook call (webhook.py): look now, not at the next period.
+        self._woken = threading.Event()
         self._thread = threading.Thread(target=self._run, name="follow-alias", daemon=True)
 
     def start(self) -> None:
@@ -119,14 +124,23 @@ class Follower:
 
     def stop(self) -> None:
         self._stop.set()
+        self._woken.set()
+
+    def wake(self) -> None:
+        """Look at the alias now (from any thread; the looking is done by the follower's)."""
+        self._woken.set()
 
     def _run(self) -> None:
         due = time.monotonic() + self.interval
         step = min(self.interval, HINT_SECONDS) if self.siblings else self.interval
-        while not self._stop.wait(step):
+        while True:
+            woken = self._woken.wait(min(step, max(due - time.monotonic(), 0.0)))
+            self._woken.clear()
+            if self._stop.is_set():
+                return
             hint = announced(self.siblings) if self.siblings else ""
             news = hint and hint != self.served_version() and hint not in self._refused
-            if news or time.monotonic() >= due:
+            if woken or news or time.monotonic() >= due:
                 self.check()
                 due = time.monotonic() + self.interval
 
@@ -148,6 +162,9 @@ class Follower:
             return "same"
         if version in self._refused:
             return "skipped"
+        # The other workers load it at the same time, not one after the other.
+        if self.siblings:
+            announce(self.siblings, version)
         started = time.monotonic()
         try:
             loaded = self.load(version)
@@ -158,8 +175,6 @@ class Follower:
             _say(f"refused {self.name} v{version}, still serving v{current}: {_first_line(error)}")
             return "refused"
         self.swap(loaded)
-        if self.siblings:
-            announce(self.siblings, version)
         took = time.monotonic() - started
         _say(
             f"now serving {self.name} v{version} (was v{current}; checked on {checked}; "

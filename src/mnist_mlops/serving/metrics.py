@@ -143,6 +143,12 @@ class ServerMetrics:
         )
         for outcome in ("swapped", "refused"):
             self.swaps.labels(outcome=outcome)
+        self.webhooks = Counter(
+            f"{prefix}_webhook_calls",
+            "Registry webhook calls: accepted (signed; the alias is looked at), or refused",
+            ["outcome"],
+            registry=self.registry,
+        )
         self._digits = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
         self._lock = threading.Lock()
         self._pending = Pending()

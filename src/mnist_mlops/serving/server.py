@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mnist_mlops.monitoring.inference_log import LogSettings
 from mnist_mlops.paths import MLFLOW_DB_NAME, project_root
+from mnist_mlops.serving import webhook
 from mnist_mlops.serving.follow import Follower, alias_of
 from mnist_mlops.tracking.registry import registered_version
 from mnist_mlops.tracking.store import TRACKING_URI_ENV, embedded_store, tracking_uri
@@ -48,12 +49,15 @@ def load_app(
     observation: Observation = Observation(),
     follow_seconds: float = 0,
     siblings: str = "",
+    hook_secret: str = "",
 ):
     """MLflow's scoring-server app around the model at `model_uri`, observed as asked.
 
     With `follow_seconds` and a `models:/NAME@ALIAS` URI, the app follows the
-    alias (follow.py): it checks it that often and swaps a new version in.
-    `siblings` is the folder where the workers of one server announce swaps.
+    alias (follow.py): it checks it that often and swaps a new version in,
+    and with `hook_secret` a signed registry webhook makes it look at once
+    (webhook.py). `siblings` is the folder where the workers of one server
+    announce swaps.
     """
     database = project_root() / MLFLOW_DB_NAME
     from_the_store = model_uri.startswith(("models:/", "runs:/"))
@@ -97,6 +101,16 @@ def load_app(
         )
         observed.follower = follower
         follower.start()
+        if hook_secret:
+            from mnist_mlops.serving.webhook import Hooked
+
+            metrics = observed.metrics
+            return Hooked(
+                observed,
+                hook_secret,
+                follower.wake,
+                lambda outcome: metrics and metrics.webhooks.labels(outcome=outcome).inc(),
+            )
     return observed
 
 
@@ -190,10 +204,12 @@ def serve(
     port: int,
     observation: Observation = Observation(),
     follow_seconds: float = 0,
+    hook_url: str = "",
 ) -> int:
     """Serve `model_uri` on host:port in this process until SIGINT or SIGTERM; return the status.
 
-    (workers.py runs several processes on one port.)
+    With `hook_url`, a followed alias on a tracking server is also told by
+    webhook (webhook.py). (workers.py runs several processes on one port.)
     """
     import uvicorn
 
@@ -202,12 +218,21 @@ def serve(
     if taken := port_taken(host, port, "make serve PORT=…, or --port"):
         print(f"mnist-mlops serve: {taken}", file=sys.stderr)
         return 1
+    hook = webhook.new_secret() if hook_url and webhook.wanted(model_uri, follow_seconds) else ""
     try:
-        app = load_app(model_uri, observation, follow_seconds)
+        app = load_app(model_uri, observation, follow_seconds, hook_secret=hook)
     except ServeError as error:
         print(f"mnist-mlops serve: {error}", file=sys.stderr)
         return 1
     print(f"mnist-mlops serve: {model_uri} on http://{host}:{port}", flush=True)
+    if hook:
+        try:
+            hook_id = webhook.register(*alias_of(model_uri), hook_url, hook)
+        except Exception as error:
+            webhook.say_polling(webhook.first_line(error))
+        else:
+            webhook.say_told(hook_url, hook_id)
+            app.on_shutdown = lambda: webhook.unregister(hook_id)
     # On SIGINT or SIGTERM uvicorn finishes the requests in flight, shuts
     # down, then ends the process by that same signal.
     # A port it cannot bind ends it with one logged error and exit status 3.

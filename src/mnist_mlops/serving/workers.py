@@ -21,7 +21,9 @@ own model and ONNX session, the hot path, its own part of the inference log
   plus a load, 1–3 s here), not one follow interval apart;
 - a worker that dies is replaced (no more than once per RESTART_SECONDS);
 - SIGINT or SIGTERM goes to every worker, each finishes its requests in
-  flight, and the folder is removed.
+  flight, and the folder is removed;
+- a registry webhook (webhook.py), registered by the supervisor once the
+  workers start and deleted at the stop; the workers share its secret in memory.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mnist_mlops.processes import port_taken, stop_all, stop_with_parent
+from mnist_mlops.serving import webhook
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # A worker that exits with this status before it answered could not load the model.
@@ -61,9 +64,7 @@ def remove_abandoned_folders() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def supervise(
-    model_uri: str, host: str, port: int, observation, follow_seconds: float, workers: int
-) -> int:
+def supervise(model_uri, host, port, observation, follow_seconds, workers, hook_url="") -> int:
     """Serve with `workers` processes until SIGINT or SIGTERM; return the exit status."""
     if taken := port_taken(host, port, "make serve PORT=…, or --port"):
         print(f"mnist-mlops serve: {taken}", file=sys.stderr)
@@ -84,6 +85,7 @@ def supervise(
     # Before prometheus_client is imported anywhere: it picks its multiprocess
     # values at import, and forked workers inherit what the supervisor imported.
     os.environ[MULTIPROCESS_ENV] = str(folder / "metrics")
+    told = hook_url and webhook.wanted(model_uri, follow_seconds)
     spec = {
         "model_uri": model_uri,
         "metrics": observation.metrics,
@@ -95,11 +97,13 @@ def supervise(
         "folder": str(folder),
         "host": host,
         "port": port,
+        "hook_secret": webhook.new_secret() if told else "",
     }
     pool = Pool(spec, workers, reservation)
     stopping: list[int] = []
     signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    hook_id = ""
     try:
         if not pool.start_first(stopping):
             return STARTUP_FAILED if not stopping else 0
@@ -108,6 +112,8 @@ def supervise(
             flush=True,
         )
         pool.start_rest()
+        if spec["hook_secret"]:
+            hook_id = webhook.told_from_elsewhere(model_uri, hook_url, spec["hook_secret"])
         while not stopping:
             pool.replace_dead()
             time.sleep(0.2)
@@ -115,6 +121,8 @@ def supervise(
         reservation.close()
         pool.stop()
         shutil.rmtree(folder, ignore_errors=True)
+        if hook_id:
+            webhook.unregister_elsewhere(hook_id)
     signal.signal(stopping[0], signal.SIG_DFL)
     os.kill(os.getpid(), stopping[0])  # ends by the signal, as uvicorn does with one process
     return 0
@@ -252,7 +260,8 @@ def run_worker(spec: dict) -> int:
     )
     observation = Observation(metrics=spec["metrics"], log=log, access_log=spec["access_log"])
     try:
-        app = load_app(spec["model_uri"], observation, spec["follow_seconds"], spec["folder"])
+        following = (spec["follow_seconds"], spec["folder"], spec["hook_secret"])
+        app = load_app(spec["model_uri"], observation, *following)
     except ServeError as error:
         print(f"mnist-mlops serve: {error}", file=sys.stderr)
         return STARTUP_FAILED

@@ -19,6 +19,9 @@ it starts, and can first import a previous local destination
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 import secrets
 import sys
@@ -260,6 +263,7 @@ def serve(
     # No GenAI job runner (8 more processes, 1.5 GB, about 10 s of CPU at each
     # start): the project runs no server-side GenAI jobs. Set it to true to have them.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    webhook_settings(password)
     # MLflow starts its web server by name: find it beside this interpreter.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     command = [
@@ -269,3 +273,28 @@ def serve(
         *("--workers", str(workers)),
     ]
     os.execv(command[0], command)
+
+
+def webhook_settings(password: str) -> None:
+    """Let the registry's webhooks reach `mnist-mlops serve` (serving/webhook.py), each default
+    kept when set.
+
+    MLflow calls webhooks over HTTPS to public addresses only, against
+    server-side request forgery; a server following the champion listens on
+    127.0.0.1 over HTTP (HTTPS is the proxy's job). Allowing both here reaches
+    nothing new: only an admin may register a webhook on this server
+    (basic-auth), and an admin runs the server already.
+    """
+    os.environ.setdefault("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+    os.environ.setdefault("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "https,http")
+    # The list of webhooks is cached per event, 60 s by default: a server that
+    # registered in that time would not be called.
+    os.environ.setdefault("MLFLOW_WEBHOOK_CACHE_TTL", "2")
+    # Their secrets are stored encrypted. Without a key MLflow makes one per
+    # process, which no other worker and no restarted server can read: derive
+    # one from the admin password (a new password orphans the stored secrets;
+    # each `serve` registers anew at its start).
+    key = hmac.new(password.encode(), b"mlflow webhook secrets", hashlib.sha256).digest()
+    os.environ.setdefault(
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", base64.urlsafe_b64encode(key).decode()
+    )
