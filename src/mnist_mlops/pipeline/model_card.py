@@ -26,7 +26,7 @@ LIMITATIONS = (
     "rotated digits, and anything that is not a single centred digit lower its accuracy "
     "(the monitor's drift checks watch for that traffic). It serves the softmax's "
     "probabilities, which are over-confident; the monitor calibrates them by the temperature "
-    "below before it estimates accuracy from them."
+    "under Metrics before it estimates accuracy from them."
 )
 
 
@@ -145,7 +145,9 @@ def markdown(card: dict) -> str:
         *(
             f"- {item['name']} (`{item['link']}`): "
             + ", ".join(
-                f"{key} `{value}`" for key, value in item.items() if key not in ("name", "link")
+                f"{key} `{value}`"
+                for key, value in item.items()
+                if key not in ("name", "link") and value not in ("", None)
             )
             for item in parameters["data"]
         ),
