@@ -157,14 +157,17 @@ class RegistryConfig:
     model_name: str = "mnist-classifier"
     promotion_margin: float = 0.0
     test_tolerance: float = 0.005
+    robustness_tolerance: float = 0.1
+    worst_class_floor: float = 0.9
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():
             raise ValueError("model_name must not be empty")
         if self.promotion_margin < 0:
             raise ValueError(f"promotion_margin must be 0 or more, got {self.promotion_margin}")
-        if not 0 <= self.test_tolerance < 1:
-            raise ValueError(f"test_tolerance must be in 0–1, got {self.test_tolerance}")
+        for name in ("test_tolerance", "robustness_tolerance", "worst_class_floor"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in 0–1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from mnist_mlops.paths import (
 from mnist_mlops.pipeline.evaluate import evaluate
 from mnist_mlops.pipeline.fetch import fetch
 from mnist_mlops.pipeline.preprocess import preprocess
+from mnist_mlops.pipeline.robustness import PERTURBATIONS
 from mnist_mlops.pipeline.train import train
 from mnist_mlops.tracking import history
 from mnist_mlops.tracking.datasets import dvc_md5
@@ -73,6 +74,63 @@ def test_the_gate_judges_where_the_traffic_is(candidate, champion, eligible, rul
     assert verdict.reason.startswith(f"{rule} rule" if rule != "first" else "first version")
 
 
+ROBUST = {"thick": 0.85, "noise": 0.87, "rotate": 0.93}
+STRICT = Gate(margin=0.0, test_tolerance=0.005, robustness_tolerance=0.02, worst_class_floor=0.9)
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "eligible", "rule", "says"),
+    [
+        # Better on the test split and as robust: promoted.
+        (
+            Scores(0.98, robustness=ROBUST, worst_class=0.95),
+            Scores(0.97, robustness=ROBUST),
+            True,
+            "test",
+            "beats",
+        ),
+        # Better on the test split but 3 points worse on noise: refused, and it says where.
+        (
+            Scores(0.98, robustness={**ROBUST, "noise": 0.84}, worst_class=0.95),
+            Scores(0.97, robustness=ROBUST),
+            False,
+            "robustness",
+            "on noise 0.8400 against 0.8700",
+        ),
+        # Losing within the tolerance is not refused.
+        (
+            Scores(0.98, robustness={**ROBUST, "noise": 0.86}, worst_class=0.95),
+            Scores(0.97, robustness=ROBUST),
+            True,
+            "test",
+            "beats",
+        ),
+        # Better overall, but one digit under the floor: refused.
+        (
+            Scores(0.98, robustness=ROBUST, worst_class=0.85),
+            Scores(0.97, robustness=ROBUST),
+            False,
+            "worst class",
+            "worst digit's test accuracy 0.8500 is below the floor of 0.9",
+        ),
+        # The recent rule gets the same check.
+        (
+            Scores(0.975, 0.95, 1000, {**ROBUST, "rotate": 0.85}, 0.95),
+            Scores(0.979, 0.85, 1000, ROBUST),
+            False,
+            "robustness",
+            "on rotate",
+        ),
+        # A first version is never refused: there is nothing else to serve.
+        (Scores(0.5, robustness={"noise": 0.1}, worst_class=0.0), None, True, "first", "first"),
+    ],
+)
+def test_the_gate_refuses_a_version_that_holds_up_worse(candidate, champion, eligible, rule, says):
+    verdict = judge(candidate, champion, STRICT)
+    assert (verdict.eligible, verdict.rule) == (eligible, rule)
+    assert says in verdict.reason
+
+
 def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
     # A default DVC remote, as the project has: the card names where its data is pushed.
     (workdir / ".dvc").mkdir()
@@ -118,6 +176,17 @@ def test_pipeline_registers_and_the_gate_moves_the_champion(workdir, config):
         f"test, digit {digit}": value for digit, value in per_class.items()
     }
     assert card["model_details"]["version"]["name"] == "1"
+    # The robustness suite: in reports/metrics.json, the run, the model and the version's tags.
+    for name in PERTURBATIONS:
+        assert float(version.tags[f"robustness.{name}"]) == pytest.approx(
+            metrics[f"robustness_{name}"], abs=1e-6
+        )
+        assert run.data.metrics[f"robustness_{name}"] == pytest.approx(
+            metrics[f"robustness_{name}"]
+        )
+    assert float(version.tags["worst_class_accuracy"]) == pytest.approx(
+        min(json.loads(PER_CLASS_FILE.read_text()).values()), abs=1e-6
+    )
     fitted = json.loads((workdir / "reports" / "calibration.json").read_text())
     calibration = card["quantitative_analysis"]["calibration"]
     assert calibration["calibration_temperature"] == pytest.approx(fitted["temperature"])

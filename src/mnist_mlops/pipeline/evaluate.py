@@ -46,14 +46,21 @@ from mnist_mlops.paths import (
 from mnist_mlops.pipeline.figures import confusion_image, mistakes_image, predictions_csv
 from mnist_mlops.pipeline.model_card import link_card, log_card, model_card
 from mnist_mlops.pipeline.preprocess import has_split, load_split
+from mnist_mlops.pipeline.robustness import (
+    SUITE,
+    SUITE_TAG,
+    before,
+    champion_scores,
+    perturbed,
+    suite_accuracy,
+    worst_class,
+)
 from mnist_mlops.serving.follow import known_digits
 from mnist_mlops.tracking import ui
 from mnist_mlops.tracking.datasets import log_model_metrics
 from mnist_mlops.tracking.registry import (
     Gate,
     Scores,
-    current_champion,
-    recorded_scores,
     register,
 )
 from mnist_mlops.tracking.runs import active_run
@@ -94,14 +101,16 @@ def served_model_file(config: Config):
     return ONNX_MODEL_FILE if config.serving.runtime == "onnx" else MODEL_FILE
 
 
-def served_probabilities(config: Config, images: np.ndarray) -> np.ndarray:
-    """The served model's probabilities for `images`, from the configured runtime."""
+def served_scorer(config: Config):
+    """The served model's probabilities for a batch of images, from the configured runtime,
+    the model loaded once."""
     if config.serving.runtime == "onnx":
         from mnist_mlops.model.export import inference_session, predict_probabilities
 
-        return predict_probabilities(inference_session(ONNX_MODEL_FILE), images)
+        session = inference_session(ONNX_MODEL_FILE)
+        return lambda images: predict_probabilities(session, images)
     network = import_keras().saving.load_model(MODEL_FILE)
-    return network.predict(images, batch_size=INFERENCE_BATCH_SIZE, verbose=0)
+    return lambda images: network.predict(images, batch_size=INFERENCE_BATCH_SIZE, verbose=0)
 
 
 def evaluate(config: Config) -> dict[str, float]:
@@ -114,25 +123,35 @@ def evaluate(config: Config) -> dict[str, float]:
     experiment_id = use_experiment(config.mlflow)
     run_id = json.loads(RUN_FILE.read_text())["run_id"]
     images, labels = load_split("test")
-    probabilities = served_probabilities(config, images)
+    served_probabilities = served_scorer(config)
+    probabilities = served_probabilities(images)
     result = score(labels, probabilities)
     metrics = {name: result[name] for name in ("test_accuracy", "test_loss")}
     recent_images, recent_labels = load_split("recent") if has_split("recent") else (None, None)
     metrics["recent_examples"] = 0 if recent_labels is None else len(recent_labels)
     if metrics["recent_examples"]:
-        recent_predicted = served_probabilities(config, recent_images).argmax(axis=1)
+        recent_predicted = served_probabilities(recent_images).argmax(axis=1)
         metrics["recent_accuracy"] = float((recent_predicted == recent_labels).mean())
+    # The robustness suite, and the digit answered worst (pipeline/robustness.py).
+    suite = perturbed(images)
+    robust = suite_accuracy(lambda batch: served_probabilities(batch).argmax(axis=1), suite, labels)
+    metrics |= {f"robustness_{name}": value for name, value in robust.items()}
+    metrics["worst_class_accuracy"] = worst_class(labels, result["predicted"])[1]
     scores = Scores(
-        metrics["test_accuracy"], metrics.get("recent_accuracy"), metrics["recent_examples"]
+        metrics["test_accuracy"],
+        metrics.get("recent_accuracy"),
+        metrics["recent_examples"],
+        robust,
+        metrics["worst_class_accuracy"],
     )
-    # The champion is judged on the same recent images, before this version exists.
-    champion = champion_scores(config, recent_images, recent_labels)
+    # The champion is judged on the same images, before this version exists.
+    champion = champion_scores(config, recent_images, recent_labels, suite, labels)
 
     validation = load_split("validation")
-    calibration = calibrate(served_probabilities(config, validation[0]), validation[1])
+    calibration = calibrate(served_probabilities(validation[0]), validation[1])
     source = reference_source(metrics["recent_examples"])
     reference_images = recent_images if source == "recent" else validation[0]
-    reference = reference_profile(reference_images, served_probabilities(config, reference_images))
+    reference = reference_profile(reference_images, served_probabilities(reference_images))
     # The monitor estimates accuracy from confidence calibrated by this temperature.
     reference["temperature"] = np.float64(calibration["temperature"])
     save_reference(REFERENCE_FILE, reference)
@@ -187,7 +206,7 @@ def evaluate(config: Config) -> dict[str, float]:
             "promoted": registration.promoted,
             "champion_version": registration.champion_version,
             "reason": registration.reason,
-            "before": _before(champion),
+            "before": before(champion),
         },
     )
     write_json(METRICS_FILE, metrics)
@@ -216,42 +235,6 @@ def _run_note(config: Config, run, test_accuracy: float) -> str:
     )
 
 
-def champion_scores(config: Config, images, labels) -> tuple:
-    """(the champion, its Scores on this evaluation's splits); (None, None) without one.
-
-    Its test accuracy is the one it was registered with (the test split does
-    not change); on the recent split it is scored now, by its own runtime
-    (ONNX Runtime for an ONNX champion).
-    """
-    import mlflow
-
-    champion = current_champion(mlflow.MlflowClient(), config.registry.model_name)
-    if champion is None:
-        return None, None
-    recorded = recorded_scores(champion)
-    if labels is None or not len(labels):
-        return champion, Scores(recorded.test_accuracy)
-    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
-    batch = config.serving.max_batch_size
-    digits = [
-        answer["digit"]
-        for start in range(0, len(images), batch)
-        for answer in model.predict(images[start : start + batch].astype(np.float32))
-    ]
-    accuracy = float((np.array(digits) == labels).mean())
-    return champion, Scores(recorded.test_accuracy, accuracy, len(labels))
-
-
-def _before(champion: tuple) -> dict:
-    version, scores = champion
-    if version is None:
-        return {}
-    before = {"version": int(version.version), "test_accuracy": scores.test_accuracy}
-    if scores.recent_accuracy is not None:
-        before["recent_accuracy"] = scores.recent_accuracy
-    return before
-
-
 def _register(config: Config, run, scores: Scores, champion: tuple, model_uri: str):
     """Register the servable classifier, and let the gate and reconciliation decide the champion
     (tracking/registry.py, tracking/promotion.py)."""
@@ -262,6 +245,7 @@ def _register(config: Config, run, scores: Scores, champion: tuple, model_uri: s
         "data.digest": tags.get("data.digest", "unknown"),
         "model.name": config.model_name,
         "serving.runtime": config.serving.runtime,
+        SUITE_TAG: SUITE,
     }
     if tags.get("dvc.exp_name"):
         provenance["dvc.exp_name"] = tags["dvc.exp_name"]
@@ -287,7 +271,12 @@ def _register(config: Config, run, scores: Scores, champion: tuple, model_uri: s
         model_uri,
         config.registry.model_name,
         scores,
-        Gate(config.registry.promotion_margin, config.registry.test_tolerance),
+        Gate(
+            config.registry.promotion_margin,
+            config.registry.test_tolerance,
+            config.registry.robustness_tolerance,
+            config.registry.worst_class_floor,
+        ),
         provenance,
         description,
         champion=champion,

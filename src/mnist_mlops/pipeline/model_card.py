@@ -24,7 +24,8 @@ INTENDED_USE = (
 LIMITATIONS = (
     "Trained on MNIST's digits only: strokes much thicker or thinner, noise, shifted or "
     "rotated digits, and anything that is not a single centred digit lower its accuracy "
-    "(the monitor's drift checks watch for that traffic). It serves the softmax's "
+    "(the robustness_* metrics measure by how much; the monitor's drift checks watch for "
+    "that traffic). It serves the softmax's "
     "probabilities, which are over-confident; the monitor calibrates them by the temperature "
     "under Metrics before it estimates accuracy from them."
 )
@@ -63,7 +64,7 @@ def model_card(
         },
         "quantitative_analysis": {
             "performance_metrics": [
-                {"type": name, "value": value, "slice": "test" if "test" in name else "recent"}
+                {"type": name, "value": value, "slice": _slice(name)}
                 for name, value in sorted(metrics.items())
             ]
             + [
@@ -205,3 +206,8 @@ def link_card(client, registration, uri: str) -> None:
 
 def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _slice(metric: str) -> str:
+    """The split a metric was measured on (the robustness suite perturbs the test split)."""
+    return "recent" if metric.startswith("recent") else "test"

@@ -253,14 +253,20 @@ def log_model_metrics(run_id: str, model_id: str, metrics: dict, per_class: dict
     """The evaluation's metrics, each linked to the served model and the split it was measured on.
 
     Validation: the last epoch's val_accuracy and val_loss; test: accuracy,
-    loss and accuracy per digit; recent: accuracy and the number of images.
+    loss, accuracy per digit, on each perturbation of the robustness suite
+    (made from the test split) and of the worst digit; recent: accuracy and
+    the number of images.
     Without a recent split, recent_examples (0) goes to the run alone.
     """
     import mlflow
 
     remote = default_remote()
     log_last_epoch(run_id, model_id, ("val_accuracy", "val_loss"), split_data("validation", remote))
-    test = {name: metrics[name] for name in ("test_accuracy", "test_loss")}
+    test = {
+        name: value
+        for name, value in metrics.items()
+        if name.startswith(("test_", "robustness_", "worst_class"))
+    }
     test.update({f"test_accuracy_digit_{digit}": value for digit, value in per_class.items()})
     log_measured(run_id, model_id, test, split_data("test", remote))
     names = ("recent_accuracy", "recent_examples")

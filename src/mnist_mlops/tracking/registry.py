@@ -22,6 +22,7 @@ from mnist_mlops.tracking.promotion import (
 )
 
 CHALLENGER = "challenger"
+ROBUSTNESS_TAG = "robustness."
 REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -49,17 +50,23 @@ def should_promote(candidate: float, champion: float | None, margin: float) -> b
 
 @dataclass(frozen=True)
 class Scores:
-    """A version's accuracy on the test split and, when there is one, on the recent split."""
+    """A version's accuracy on the test split and, when there is one, on the recent split;
+    on each perturbation of the robustness suite (pipeline/robustness.py); and the test
+    accuracy of the digit it answers worst."""
 
     test_accuracy: float
     recent_accuracy: float | None = None
     recent_examples: int = 0
+    robustness: dict[str, float] | None = None
+    worst_class: float | None = None
 
 
 @dataclass(frozen=True)
 class Gate:
     margin: float = 0.0
     test_tolerance: float = 0.005
+    robustness_tolerance: float = 1.0
+    worst_class_floor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,16 +90,17 @@ def judge(candidate: Scores, champion: Scores | None, gate: Gate) -> Verdict:
     if candidate.recent_accuracy is None or champion.recent_accuracy is None:
         beats = should_promote(test, best, gate.margin)
         verb = "beats" if beats else "does not beat"
-        return Verdict(
+        verdict = Verdict(
             beats,
             "test",
             f"test rule: test_accuracy {test:.4f} {verb} the champion's {best:.4f} "
             f"by more than {gate.margin:g}",
         )
+        return held_up(verdict, candidate, champion, gate)
     recent, recent_best = candidate.recent_accuracy, champion.recent_accuracy
     gains = recent - recent_best > gate.margin
     keeps = test >= best - gate.test_tolerance
-    return Verdict(
+    verdict = Verdict(
         gains and keeps,
         "recent",
         f"recent rule: on {candidate.recent_examples} recent images {recent:.4f} "
@@ -100,6 +108,39 @@ def judge(candidate: Scores, champion: Scores | None, gate: Gate) -> Verdict:
         f"by more than {gate.margin:g}, and test_accuracy {test:.4f} "
         f"{'is' if keeps else 'is not'} within {gate.test_tolerance:g} of its {best:.4f}",
     )
+    return held_up(verdict, candidate, champion, gate)
+
+
+def held_up(verdict: Verdict, candidate: Scores, champion: Scores, gate: Gate) -> Verdict:
+    """A version the rules would promote is still refused when its worst digit is below the
+    floor, or when it loses more than the tolerance to the champion on any perturbation of
+    the robustness suite (both scored on the same images). The first version is never
+    refused: there is nothing else to serve."""
+    if not verdict.eligible:
+        return verdict
+    if candidate.worst_class is not None and candidate.worst_class < gate.worst_class_floor:
+        return Verdict(
+            False,
+            "worst class",
+            f"{verdict.reason}, but its worst digit's test accuracy {candidate.worst_class:.4f} "
+            f"is below the floor of {gate.worst_class_floor:g}",
+        )
+    theirs = champion.robustness or {}
+    losses = {
+        name: theirs[name] - value
+        for name, value in (candidate.robustness or {}).items()
+        if name in theirs and theirs[name] - value > gate.robustness_tolerance
+    }
+    if losses:
+        worst = max(losses, key=losses.get)
+        return Verdict(
+            False,
+            "robustness",
+            f"{verdict.reason}, but it loses more than {gate.robustness_tolerance:g} to the "
+            f"champion on {', '.join(sorted(losses))} (on {worst} "
+            f"{candidate.robustness[worst]:.4f} against {theirs[worst]:.4f})",
+        )
+    return verdict
 
 
 @dataclass(frozen=True)
@@ -113,11 +154,18 @@ class Registration:
 
 def recorded_scores(version) -> Scores:
     """The scores a version was registered with (its tags)."""
-    recent = version.tags.get("recent_accuracy")
+    recent, worst = version.tags.get("recent_accuracy"), version.tags.get("worst_class_accuracy")
+    robustness = {
+        key.removeprefix(ROBUSTNESS_TAG): float(value)
+        for key, value in version.tags.items()
+        if key.startswith(ROBUSTNESS_TAG)
+    }
     return Scores(
         float(version.tags["test_accuracy"]),
         float(recent) if recent else None,
         int(version.tags.get("recent_examples", 0)),
+        robustness or None,
+        float(worst) if worst else None,
     )
 
 
@@ -157,6 +205,10 @@ def register(
     }
     if scores.recent_accuracy is not None:
         version_tags["recent_accuracy"] = f"{scores.recent_accuracy:.6f}"
+    for name, value in (scores.robustness or {}).items():
+        version_tags[f"{ROBUSTNESS_TAG}{name}"] = f"{value:.6f}"
+    if scores.worst_class is not None:
+        version_tags["worst_class_accuracy"] = f"{scores.worst_class:.6f}"
     created = mlflow.register_model(model_uri, model_name, tags=version_tags)
     version = int(created.version)
     client.update_model_version(
