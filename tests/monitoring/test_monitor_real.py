@@ -15,7 +15,7 @@ from mnist_mlops.monitoring.features import image_features
 from mnist_mlops.monitoring.inference_log import InferenceLog, LogSettings, save_feedback
 from mnist_mlops.monitoring.reference import load_reference
 
-from ..conftest import run, subprocess_env, unavailable
+from ..conftest import REPO_ROOT, run, subprocess_env, unavailable
 
 WINDOWS, WINDOW = 100, 500
 
@@ -72,16 +72,18 @@ def test_the_monitor_tells_drift_from_clean_digits(copy_of_real_pipeline, tmp_pa
         right = probabilities[kind].argmax(axis=1) == labels
         windows = [rng.choice(len(labels), 1000, replace=False) for _ in range(20)]
         estimates[kind] = [estimate(top[rows])["value"] for rows in windows]
-        errors[kind] = max(
-            abs(value - right[rows].mean())
-            for value, rows in zip(estimates[kind], windows, strict=True)
+        errors[kind] = float(
+            max(
+                abs(value - right[rows].mean())
+                for value, rows in zip(estimates[kind], windows, strict=True)
+            )
         )
     print(f"estimate: largest error over 20 windows of 1,000: {errors}")
     assert errors["clean"] <= 0.03
     # The alert on a real window's estimate: noise fires it, clean digits do not.
     test_accuracy = json.loads((project / "reports" / "metrics.json").read_text())["test_accuracy"]
     cases = {estimates["noise"][0]: True, estimates["clean"][0]: False}
-    assert not alert_cases(project, tmp_path, test_accuracy, cases), cases
+    assert not alert_cases(tmp_path, test_accuracy, cases), cases
 
     # The whole command on one logged window of each: its exit status, and
     # the realized accuracy from feedback equal to the accuracy computed here.
@@ -114,13 +116,13 @@ def test_the_monitor_tells_drift_from_clean_digits(copy_of_real_pipeline, tmp_pa
         print(result.stdout.strip())
 
 
-def alert_cases(project, tmp_path, test_accuracy: float, cases: dict[float, bool]) -> str:
+def alert_cases(tmp_path, test_accuracy: float, cases: dict[float, bool]) -> str:
     """promtool's verdict on the real rule: each pushed estimate fires ModelEstimatedAccuracyLow
     exactly when `cases` says so. Returns promtool's failures ("" when it agrees)."""
     promtool = shutil.which("promtool")
     if promtool is None:
         unavailable("promtool is not installed (Debian: prometheus)")
-    rules = (project / "deploy" / "monitoring" / "rules.yml").resolve()
+    rules = REPO_ROOT / "deploy" / "monitoring" / "rules.yml"
     assert rules.is_file(), rules  # promtool only warns about a missing rules file
     tests = []
     for number, (estimated, fires) in enumerate(cases.items()):

@@ -443,3 +443,32 @@ def get_json(url: str) -> dict:
 
 def pipeline_run_id(project) -> str:
     return json.loads((project / "models" / "mlflow_run.json").read_text())["run_id"]
+
+
+def test_a_trial_another_worker_failed_as_stale_does_not_stop_this_worker():
+    """After a storage outage another worker may fail this worker's trial as stale (its
+    heartbeat missed); Optuna then refuses the result. The worker goes on with the next."""
+    from mnist_mlops.tuning.tune import work
+
+    study = optuna.create_study(direction="maximize")
+
+    class Objective:
+        calls = 0
+
+        def __call__(self, trial):
+            self.calls += 1
+            if self.calls == 1:
+                # What the other worker's fail_stale_trials does, while this trial's
+                # own MLflow or storage request fails.
+                failed = optuna.trial.TrialState.FAIL
+                study._storage.set_trial_state_values(trial._trial_id, failed)
+                raise ConnectionError("the storage went away")
+            return 0.5
+
+        def report(self, _study, _trial):
+            pass
+
+    objective = Objective()
+    work(study, budget=2, timeout=60, objective=objective, poll_seconds=0.01)
+    states = [trial.state.name for trial in study.trials]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"], states

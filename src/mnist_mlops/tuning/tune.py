@@ -145,7 +145,16 @@ def work(study, budget: int, timeout: float | None, objective, poll_seconds: flo
         if finished + len(trials_in(study, "RUNNING")) >= budget:
             time.sleep(poll_seconds)
             continue
-        study.optimize(objective, n_trials=1, catch=(BudgetSpent,), callbacks=[objective.report])
+        try:
+            study.optimize(
+                objective, n_trials=1, catch=(BudgetSpent,), callbacks=[objective.report]
+            )
+        except ValueError as error:
+            # Another worker failed this trial as stale (its heartbeat missed while the
+            # storage was away), and Optuna then refuses this worker's result for it:
+            # the failed-trial callback retries it, and this worker goes on.
+            if not str(error).startswith("Cannot tell a FAIL trial"):
+                raise
 
 
 def export(study) -> str:
