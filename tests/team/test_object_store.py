@@ -223,7 +223,9 @@ def test_a_restart_keeps_every_object_and_leaves_nothing_in_tmp(tmp_path):
         assert Path(config).exists() and all(path.exists() for path in grpc_sockets(port))
     assert not [path for path in grpc_sockets(port) if path.exists()]
     assert not Path(config).parent.exists()
-    with object_store(tmp_path, port) as (endpoint, secret, _process, _port):
+    # Started again on ports of its own: between the two, another test may take the first
+    # ones (the objects live in the store's folder, not with its ports).
+    with object_store(tmp_path, free_port_run()) as (endpoint, secret, _process, _port):
         alice = s3_client(endpoint, keys_for(secret, "alice"))
         assert alice.get_object(Bucket="dvc", Key="kept")["Body"].read() == b"across restarts"
     ready = [

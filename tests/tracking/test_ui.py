@@ -188,7 +188,8 @@ def test_the_models_link_lists_one_model_a_run_by_its_test_accuracy_on_the_test_
     (first,) = [model for model in models if model.source_run_id == runs["first-mlp"].info.run_id]
     base = _ui_root(store)
     browser.get(f"{base}/#/experiments/{experiment.experiment_id}/models/{first.model_id}")
-    page = wait_for_text(browser, "val_accuracy", "test_accuracy_digit_9")
+    note = runs["first-mlp"].data.tags["mlflow.note.content"]
+    page = wait_for_text(browser, "val_accuracy", "test_accuracy_digit_9", note)
     browser.save_screenshot(str(screenshots / "model.png"))
     for metric in first.metrics:
         assert f"{metric.dataset_name} (#{metric.dataset_digest})" in page

@@ -161,7 +161,8 @@ def evaluate(config: Config) -> dict[str, float]:
     with atomic_path(MISTAKES_FILE) as staging:
         mistakes.save(staging, format="PNG")
     with active_run(run_id=run_id) as run:
-        mlflow.set_tag(ui.NOTE_TAG, _run_note(config, run, metrics["test_accuracy"]))
+        note = _run_note(config, run, metrics["test_accuracy"])
+        mlflow.set_tag(ui.NOTE_TAG, note)
         mlflow.log_image(mistakes, "mistakes.png")
         log_calibration(calibration)
         known = known_digits(images, labels, result["predicted"])
@@ -174,6 +175,8 @@ def evaluate(config: Config) -> dict[str, float]:
         )
         per_class = result["per_class_accuracy"]
         model_id = model_info.model_id
+        # The model's description in the Models tab, as the run's in the runs table.
+        mlflow.set_logged_model_tags(model_id, {ui.NOTE_TAG: note})
         log_model_metrics(run_id, model_id, metrics, per_class)
         mlflow.log_image(confusion_image(result["confusion_matrix"]), "confusion_matrix.png")
         mlflow.log_dict(per_class, "per_class_accuracy.json")
