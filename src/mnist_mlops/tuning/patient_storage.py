@@ -11,7 +11,10 @@ that makes others waits one bound, not several.
 After an outage every trial's heartbeat is old. So that a worker whose trial is
 alive is not judged dead by a peer that noticed the database back a moment
 earlier, no trial is judged stale for one grace period after this process saw
-an outage end: its heartbeat thread beats again within a heartbeat interval.
+an outage end, and a trial is judged stale only when it still is one grace
+period after it was first seen so (a peer may have slept through the outage,
+or its first call after it may be that check): a live trial's heartbeat
+thread beats again within a heartbeat interval, a dead one's never does.
 
 Left alone: a write whose commit reached the database just before the
 connection broke is sent again. Optuna's writes of values and states are
@@ -138,9 +141,20 @@ def patient_storage_class(outage_seconds: float):
 
     class PatientRDBStorage(optuna.storages.RDBStorage):
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            if time.monotonic() - outage["ended"] < (self.grace_period or 0):
+            grace = self.grace_period or 0
+            if time.monotonic() - outage["ended"] < grace:
                 return []
-            return patient(optuna.storages.RDBStorage._get_stale_trial_ids)(self, study_id)
+            found = patient(optuna.storages.RDBStorage._get_stale_trial_ids)(self, study_id)
+            # A trial is judged dead only when it is still stale a grace period after it
+            # was first seen so. After an outage every heartbeat is old, also for a peer
+            # that slept through it or whose first call after it is this one; a live
+            # trial beats again within a heartbeat interval, a dead one never does.
+            now, suspects = time.monotonic(), self.__dict__.setdefault("_suspects", {})
+            for trial_id in set(suspects) - set(found):
+                del suspects[trial_id]
+            return [
+                trial_id for trial_id in found if now - suspects.setdefault(trial_id, now) >= grace
+            ]
 
     for name in DATABASE_METHODS:
         setattr(PatientRDBStorage, name, patient(getattr(optuna.storages.RDBStorage, name)))
