@@ -145,7 +145,7 @@ proxy: install ## HTTPS before the servers with nginx (SERVERS=model|tracking|bo
 monitoring: install ## Prometheus and Alertmanager for the model server (9090, 9093; TARGETS=…)
 	mnist-mlops monitoring --targets $(TARGETS)
 
-benchmark: install install-spark install-jax install-object-store ## Benchmark the pipeline, the server, its peers (LitServe, BentoML: .venv/peers), a swap, webhook against polling, replicas, batch scoring, the serving environment's size, tune, monitoring, the accuracy estimate, data-parallel training, the object store, a tracking outage, lineage, the UI
+benchmark: install install-spark install-jax install-object-store ## Benchmark the pipeline, the server, its peers (LitServe, BentoML: .venv/peers), a swap, webhook against polling, replicas, batch scoring, the serving environment's size, tune, monitoring, the accuracy estimate, data-parallel training, the object store, the inference log on it, a tracking outage, lineage, the UI
 	python -m benchmarks.pipeline
 	python -m benchmarks.serving
 	python -m benchmarks.serving_peers
@@ -159,6 +159,7 @@ benchmark: install install-spark install-jax install-object-store ## Benchmark t
 	python -m benchmarks.estimate
 	python -m benchmarks.distributed
 	python -m benchmarks.object_store
+	python -m benchmarks.log_on_store
 	python -m benchmarks.outage
 	python -m benchmarks.lineage
 	python -m benchmarks.ui

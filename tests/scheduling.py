@@ -42,6 +42,7 @@ LONGEST_FIRST = (
     "tests/pipeline/test_train_evaluate.py",
     "tests/serving/test_serving.py",
     "tests/team/test_object_store.py",
+    "tests/team/test_inference_log_s3.py",
     "tests/monitoring/test_monitor.py",
 )
 

@@ -45,6 +45,7 @@ MONITORING_CONFIG_DIR = Path("deploy") / "monitoring"
 
 # The model server's inference log: images, answers and true digits.
 INFERENCE_LOG_DIR_ENV = "MNIST_INFERENCE_LOG_DIR"
+INFERENCE_SPOOL_DIR_ENV = "MNIST_INFERENCE_SPOOL_DIR"
 
 MLFLOW_DB_NAME = "mlflow.db"
 MLFLOW_ARTIFACTS_NAME = "mlartifacts"
@@ -67,6 +68,13 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
-def inference_log_dir() -> Path:
+def inference_log_dir() -> Path | str:
     """Where `serve` logs and `feedback` records: MNIST_INFERENCE_LOG_DIR, else logs/inference."""
-    return Path(os.environ.get(INFERENCE_LOG_DIR_ENV) or "logs/inference")
+    chosen = os.environ.get(INFERENCE_LOG_DIR_ENV) or "logs/inference"
+    return chosen if chosen.startswith("s3://") else Path(chosen)
+
+
+def inference_spool_dir() -> Path:
+    """Where a server's log files wait for the object store: MNIST_INFERENCE_SPOOL_DIR, else
+    logs/inference-spool."""
+    return Path(os.environ.get(INFERENCE_SPOOL_DIR_ENV) or "logs/inference-spool")

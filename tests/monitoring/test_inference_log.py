@@ -90,7 +90,7 @@ def test_a_segment_stands_for_the_parts_it_covers_after_a_crash(tmp_path):
     kept = tmp_path / "kept"
     kept.mkdir()
     for part in parts:
-        shutil.copy(part, kept / part.name)
+        shutil.copy(part.path, kept / part.name)
     # Merge as housekeeping does, then put the parts back, as a writer killed
     # between writing the segment and removing its parts would leave them.
     merge_parts(tmp_path, log.writer, "rows", segment_bytes=1, seconds=3600)
@@ -130,15 +130,15 @@ def test_sampling_pixels_off_and_retention(tmp_path):
     mine = rows["request_id"] == "with-pixels"
     assert "pixels" not in rows and rows["features"].shape == (5, len(FEATURES))
     assert np.allclose(rows["features"][mine], image_features(images(3, seed=4).astype(np.uint8)))
-    for path, _match in all_log_files(tmp_path):
-        path.unlink()
+    for file, _match in all_log_files(tmp_path):
+        file.path.unlink()
     log = InferenceLog(LogSettings(tmp_path, pixels=False, flush_seconds=0.05), "m", "1")
     log.submit_rows("kept", images(2), answers_for(images(2)))
     log.close()
 
     old = time.time() - 3 * 3600
-    for path, _match in all_log_files(tmp_path):
-        os.utime(path, (old, old))
+    for file, _match in all_log_files(tmp_path):
+        os.utime(file.path, (old, old))
     assert remove_expired(tmp_path, retention_hours=2) == 1
     assert read_rows(tmp_path) == {}
 

@@ -322,8 +322,8 @@ def test_a_killed_server_leaves_only_complete_segments(store, tmp_path):
         process.kill()
     files = log_files(log_dir, "rows")
     assert files
-    for path in files:
-        with np.load(path, allow_pickle=False) as archive:
+    for file in files:
+        with np.load(file.path, allow_pickle=False) as archive:
             assert len(archive["request_id"]) == len(archive["pixels"]) > 0
     logged = set(read_rows(log_dir)["request_id"].tolist())
     settled = {request_id for at, request_id in answered if at < killed_at - 1.5}

@@ -123,6 +123,14 @@ def test_keys_reach_their_own_bucket_and_nothing_else(store):
     assert refused(lambda: alice.put_object(Bucket="mlflow", Key="x", Body=b"x"))
     assert refused(lambda: alice.list_objects_v2(Bucket="mlflow"))
     assert refused(lambda: alice.create_bucket(Bucket="other"))
+    # The servers' keys reach the inference log's bucket alone, and nobody else's reach it.
+    serving = s3_client(endpoint, keys_for(secret, "serving"))
+    serving.put_object(Bucket="inference", Key="probe", Body=b"serving")
+    assert serving.get_object(Bucket="inference", Key="probe")["Body"].read() == b"serving"
+    assert refused(lambda: serving.get_object(Bucket="dvc", Key="probe"))
+    assert refused(lambda: serving.list_objects_v2(Bucket="mlflow"))
+    assert refused(lambda: alice.get_object(Bucket="inference", Key="probe"))
+    assert refused(lambda: tracking.put_object(Bucket="inference", Key="x", Body=b"x"))
     anonymous = s3_client(endpoint, None)
     assert refused(lambda: anonymous.get_object(Bucket="mlflow", Key="probe"))
     assert refused(lambda: anonymous.put_object(Bucket="dvc", Key="x", Body=b"x"))

@@ -127,29 +127,35 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def add_log_dir(parser: argparse.ArgumentParser) -> None:
+    from mnist_mlops.monitoring.log_store import location
+
     parser.add_argument(
         "--log-dir",
-        type=Path,
+        type=location,
         default=inference_log_dir(),
-        help="the inference log's folder (%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
+        help="the inference log: a folder or s3://BUCKET/PREFIX on the team's object store "
+        "(%(default)s; MNIST_INFERENCE_LOG_DIR sets the default)",
     )
 
 
 def record_feedback(arguments: argparse.Namespace) -> int:
     from mnist_mlops.monitoring.feedback import FeedbackError, read_labels, record
+    from mnist_mlops.monitoring.log_store import unreadable
 
     try:
         rows = read_labels(arguments.labels)
     except FeedbackError as error:
         print(f"mnist-mlops feedback record: {error}", file=sys.stderr)
         return 2
-    if not arguments.log_dir.is_dir():
-        print(
-            f"mnist-mlops feedback record: no inference log at {arguments.log_dir}",
-            file=sys.stderr,
-        )
+    problem = unreadable(arguments.log_dir)
+    if problem:
+        print(f"mnist-mlops feedback record: {problem}", file=sys.stderr)
         return 2
-    print(record(arguments.log_dir, rows))
+    try:
+        print(record(arguments.log_dir, rows))
+    except OSError as error:  # the store went away: nothing recorded, the labels still there
+        print(f"mnist-mlops feedback record: nothing recorded: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_mlops.monitoring.inference_log import REQUEST_ID, save_feedback
-from mnist_mlops.monitoring.log_files import RequestIndex, read_feedback
+from mnist_mlops.monitoring.inference_log import REQUEST_ID
+from mnist_mlops.monitoring.log_files import RequestIndex, read_feedback, save_feedback
 
 COLUMNS = ["request_id", "position", "digit"]
 DIGIT = re.compile(r"[0-9]")
@@ -76,7 +76,7 @@ def _row(path: Path, number: int, fields: list[str]) -> tuple[str, int, int]:
     return request_id, int(position), int(digit)
 
 
-def record(directory: Path, rows: list[tuple[str, int, int]]) -> FeedbackSummary:
+def record(directory: Path | str, rows: list[tuple[str, int, int]]) -> FeedbackSummary:
     """Record the rows that match a logged image and have no true digit yet."""
     # One read of the folder for all the rows: an unknown id costs a dict lookup.
     images_of = RequestIndex(directory).all_requests()

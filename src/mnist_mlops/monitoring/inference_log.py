@@ -16,6 +16,8 @@ every file it writes appears complete under its final name or not at all
 
 A reader takes a merged segment instead of the parts it covers, so a writer
 killed between writing a segment and removing its parts duplicates nothing.
+With the log on an object store (`s3://…`), files are written to a local
+spool first and shipped from there by a thread of their own (spool.py).
 Files older than `retention_hours` are removed by whichever writer looks.
 The request path only enqueues (`submit_rows`, `submit_feedback`); a
 thread writes. A full queue or a disk that refuses drops rows and counts
@@ -25,11 +27,8 @@ them, and the request still succeeds.
 from __future__ import annotations
 
 import collections
-import os
 import random
 import re
-import secrets
-import socket
 import sys
 import threading
 import time
@@ -44,11 +43,13 @@ from mnist_mlops.monitoring.features import image_features
 from mnist_mlops.monitoring.log_files import (
     FEEDBACK,
     ROWS,
-    all_log_files,
-    concatenate,
-    load,
+    merge_parts,
     remove_expired,
+    save_feedback,
+    writer_id,
 )
+from mnist_mlops.monitoring.log_store import is_remote, location, store_of
+from mnist_mlops.monitoring.spool import Shipper
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 WARNING_INTERVAL_SECONDS = 60
@@ -58,7 +59,7 @@ WARNING_INTERVAL_SECONDS = 60
 class LogSettings:
     """Where the log goes and how much of the traffic it keeps."""
 
-    directory: Path
+    directory: Path | str  # a folder, or an s3:// URL
     sample_rate: float = 1.0
     pixels: bool = True
     flush_seconds: float = 1.0
@@ -66,26 +67,38 @@ class LogSettings:
     segment_bytes: int = 32 * 1024 * 1024
     segment_seconds: float = 3600.0
     retention_hours: float = 24 * 7
+    # With the log on an object store: the local folder files wait in, and its bound.
+    spool: Path | None = None
+    spool_bytes: int = 1024**3
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", location(str(self.directory)))
+        if self.spool is not None:
+            object.__setattr__(self, "spool", Path(self.spool))
+        if self.remote and self.spool is None:
+            raise ValueError(f"a log on {self.directory} needs a local spool folder")
         if not 0 <= self.sample_rate <= 1:
             raise ValueError(f"the sample rate must be in 0–1, got {self.sample_rate}")
-        for name in ("flush_seconds", "queue_requests", "segment_bytes", "segment_seconds"):
+        for name in (
+            "flush_seconds",
+            "queue_requests",
+            "segment_bytes",
+            "segment_seconds",
+            "spool_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.retention_hours <= 0:
             raise ValueError(f"retention_hours must be positive, got {self.retention_hours}")
 
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.directory)
 
-def writer_id() -> str:
-    """A writer's id, unique even for two writers of one process in the same millisecond.
-
-    `save_feedback` is a writer of its own per call: without the random part,
-    two calls within a millisecond wrote the same file name, and the second
-    replaced the first.
-    """
-    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
-    return f"{host}.{os.getpid()}.{time.time_ns() // 1_000_000}.{secrets.token_hex(4)}"
+    @property
+    def local(self) -> Path:
+        """The folder this server writes into: the log's own, or its spool."""
+        return self.spool if self.remote else self.directory
 
 
 class InferenceLog:
@@ -112,6 +125,12 @@ class InferenceLog:
         self._sequence = {ROWS: 0, FEEDBACK: 0}
         self._last_warning = 0.0
         self._last_housekeeping = 0.0
+        self._shipper = None
+        if settings.remote:
+            # Opened here, so that missing keys or a bad URL stop the server at its start.
+            self._shipper = Shipper(
+                store_of(settings.local), store_of(settings.directory), self._tidy, self._warn
+            )
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
         self._thread.start()
 
@@ -149,9 +168,11 @@ class InferenceLog:
         return True
 
     def close(self, timeout: float = 30) -> None:
-        """Write everything queued, then stop the thread."""
+        """Write everything queued, then stop the thread (and ship what the store will take)."""
         self._stop.set()
         self._thread.join(timeout)
+        if self._shipper is not None:
+            self._shipper.close(timeout)
 
     # The writer thread.
 
@@ -163,10 +184,15 @@ class InferenceLog:
             while self._pending:
                 batch.append(self._pending.popleft())
             self._write(batch)
-            if time.monotonic() - self._last_housekeeping >= min(
-                60, self.settings.flush_seconds * 10
-            ):
-                self._housekeeping()
+            if self._shipper is not None:
+                self._shipper.wake()
+            elif time.monotonic() - self._last_housekeeping >= self.tidy_interval:
+                self._last_housekeeping = time.monotonic()
+                self._tidy()
+
+    @property
+    def tidy_interval(self) -> float:
+        return min(60, self.settings.flush_seconds * 10)
 
     def _write(self, batch: list[tuple]) -> None:
         # One file per model version: a file names the version that answered its rows.
@@ -186,7 +212,7 @@ class InferenceLog:
             try:
                 self._save(FEEDBACK, _feedback_arrays(feedback))
             except (OSError, ValueError) as error:
-                self._dropped(0, f"cannot write feedback to the inference log: {error}")
+                self._warn(f"cannot write feedback to the inference log: {error}; it is dropped")
 
     def _rows_arrays(self, rows: list[tuple], version: str) -> dict[str, np.ndarray]:
         # Whole arrays, not a small one per request: a busy server logs thousands a second.
@@ -218,24 +244,29 @@ class InferenceLog:
         return arrays
 
     def _save(self, kind: str, arrays: dict[str, np.ndarray]) -> None:
+        if self._shipper is not None and self._shipper.backlog() >= self.settings.spool_bytes:
+            raise OSError(f"the spool {self.settings.local} is full (the store is away)")
         self._sequence[kind] += 1
         name = f"{kind}-{self.writer}-{self._sequence[kind]:08d}.npz"
         # Raw pixels are what people sent: 0600 files in a 0700 folder.
         with (
-            atomic_path(self.settings.directory / name, private=True) as temporary,
+            atomic_path(self.settings.local / name, private=True) as temporary,
             open(temporary, "wb") as stream,
         ):
             np.savez(stream, **arrays)
 
     def _dropped(self, rows: int, reason: str) -> None:
         self.on_dropped(rows)
+        self._warn(f"{reason}; rows are dropped" if rows else reason)
+
+    def _warn(self, message: str) -> None:
         now = time.monotonic()
         if now - self._last_warning >= WARNING_INTERVAL_SECONDS:
             self._last_warning = now
-            print(f"mnist-mlops serve: warning: {reason}; rows are dropped", file=sys.stderr)
+            print(f"mnist-mlops serve: warning: {message}", file=sys.stderr)
 
-    def _housekeeping(self) -> None:
-        self._last_housekeeping = time.monotonic()
+    def _tidy(self) -> None:
+        """Merge this writer's parts and remove expired files where the log lives (and spool)."""
         try:
             for kind in (ROWS, FEEDBACK):
                 merge_parts(
@@ -246,49 +277,13 @@ class InferenceLog:
                     self.settings.segment_seconds,
                 )
             remove_expired(self.settings.directory, self.settings.retention_hours)
+            if self.settings.remote:
+                remove_expired(self.settings.local, self.settings.retention_hours)
         except OSError as error:
-            self._dropped(0, f"cannot tidy the inference log: {error}")
+            self._warn(f"cannot tidy the inference log: {error}")
 
 
-def merge_parts(
-    directory: Path, writer: str, kind: str, segment_bytes: int, seconds: float
-) -> None:
-    """Merge a writer's parts into one segment once they are big or old enough.
-
-    The segment is written before its parts are removed; a reader takes it
-    instead of any part it covers, so a crash in between duplicates nothing.
-    """
-    parts = sorted(
-        (int(match.group(3)), path)
-        for path, match in all_log_files(directory)
-        if match.group(1) == kind and match.group(2) == writer and not match.group(4)
-    )
-    if len(parts) < 2:
-        return
-    size = sum(path.stat().st_size for _, path in parts)
-    age = time.time() - parts[0][1].stat().st_mtime
-    if size < segment_bytes and age < seconds:
-        return
-    merged = concatenate([load(path) for _, path in parts])
-    name = f"{kind}-{writer}-{parts[0][0]:08d}-{parts[-1][0]:08d}.npz"
-    with atomic_path(directory / name, private=True) as temporary, open(temporary, "wb") as stream:
-        np.savez(stream, **merged)
-    for _, path in parts:
-        path.unlink(missing_ok=True)
-
-
-def save_feedback(directory: Path, rows: list[tuple[str, int, int]]) -> Path:
-    """Write (request id, position, digit) rows as one feedback file of a writer of its own."""
-    arrays = {
-        "request_id": np.array([request_id for request_id, _, _ in rows]),
-        "position": np.array([position for _, position, _ in rows], dtype=np.int16),
-        "time": np.full(len(rows), time.time()),
-        "digit": np.array([digit for _, _, digit in rows], dtype=np.int8),
-    }
-    target = directory / f"{FEEDBACK}-{writer_id()}-{1:08d}.npz"
-    with atomic_path(target, private=True) as temporary, open(temporary, "wb") as stream:
-        np.savez(stream, **arrays)
-    return target
+__all__ = ["InferenceLog", "LogSettings", "merge_parts", "save_feedback", "writer_id"]
 
 
 def _feedback_arrays(feedback: list[tuple]) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ read, and the rest of a file only when it holds the request.
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,10 +29,10 @@ class LineageError(Exception):
     """What cannot be traced, in one line."""
 
 
-def find_request(log_dir: Path, request_id: str) -> dict | None:
+def find_request(log_dir: Path | str, request_id: str) -> dict | None:
     """The logged answer to `request_id` (the server's id or the client's), or None."""
-    for path in log_files(log_dir, ROWS):
-        with np.load(path, allow_pickle=False) as archive:
+    for file in log_files(log_dir, ROWS):
+        with np.load(io.BytesIO(file.read()), allow_pickle=False) as archive:
             hit = archive["request_id"] == request_id
             if not hit.any() and "client_request_id" in archive.files:
                 hit = archive["client_request_id"] == request_id
@@ -50,12 +51,12 @@ def find_request(log_dir: Path, request_id: str) -> dict | None:
                 "model_version": str(archive["model_version"]),
                 "images": int(hit.sum()),
                 "digits": archive["digit"][hit][order].astype(int).tolist(),
-                "log_file": path.name,
+                "log_file": file.name,
             }
     return None
 
 
-def feedback_of(log_dir: Path, snapshot: Path, request_id: str, images: int) -> dict:
+def feedback_of(log_dir: Path | str, snapshot: Path, request_id: str, images: int) -> dict:
     """The true digits sent back for a request, and how many of them the snapshot holds."""
     truth = read_feedback(log_dir)
     digits = [truth.get((request_id, position)) for position in range(images)]

@@ -3,36 +3,40 @@
 A merged segment (`KIND-WRITER-FIRST-LAST.npz`) stands for the parts it
 covers, so a writer killed between writing a segment and removing its parts
 duplicates nothing. Files are read with numpy's loader, never unpickled.
+Every function takes the log's place: a folder, an `s3://` URL or a store
+(log_store.py).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import secrets
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
 from mnist_mlops.monitoring.features import image_features
+from mnist_mlops.monitoring.log_store import FolderStore, LogFile, S3Store, store_of
 
 ROWS, FEEDBACK = "rows", "feedback"
 FILE_NAME = re.compile(r"^(rows|feedback)-([A-Za-z0-9_.]+)-(\d{8})(?:-(\d{8}))?\.npz$")
 
+Where = str | Path | FolderStore | S3Store
 
-def all_log_files(directory: Path) -> list[tuple[Path, re.Match]]:
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return []
+
+def all_log_files(where: Where) -> list[tuple[LogFile, re.Match]]:
     return [
-        (Path(entry.path), match) for entry in entries if (match := FILE_NAME.match(entry.name))
+        (file, match) for file in store_of(where).files() if (match := FILE_NAME.match(file.name))
     ]
 
 
-def log_files(directory: Path, kind: str) -> list[Path]:
+def log_files(where: Where, kind: str) -> list[LogFile]:
     """The files of one kind a reader takes: merged segments, and the parts none of them covers."""
-    files = [(path, match) for path, match in all_log_files(directory) if match.group(1) == kind]
+    files = [(file, match) for file, match in all_log_files(where) if match.group(1) == kind]
     covered: dict[str, list[tuple[int, int]]] = {}
     for _, match in files:
         if match.group(4):
@@ -40,19 +44,37 @@ def log_files(directory: Path, kind: str) -> list[Path]:
                 (int(match.group(3)), int(match.group(4)))
             )
     chosen = []
-    for path, match in files:
+    for file, match in files:
         if not match.group(4):
             sequence = int(match.group(3))
             ranges = covered.get(match.group(2), [])
             if any(first <= sequence <= last for first, last in ranges):
                 continue
-        chosen.append(path)
-    return sorted(chosen)
+        chosen.append(file)
+    return sorted(chosen, key=lambda file: file.name)
 
 
-def load(path: Path) -> dict[str, np.ndarray]:
+def writer_id() -> str:
+    """A writer's id, unique even for two writers of one process in the same millisecond.
+
+    `save_feedback` is a writer of its own per call: without the random part,
+    two calls within a millisecond wrote the same file name, and the second
+    replaced the first.
+    """
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}.{os.getpid()}.{time.time_ns() // 1_000_000}.{secrets.token_hex(4)}"
+
+
+def to_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    stream = io.BytesIO()
+    np.savez(stream, **arrays)
+    return stream.getvalue()
+
+
+def load(file: LogFile | Path) -> dict[str, np.ndarray]:
     """One log file's arrays (never unpickled)."""
-    with np.load(path, allow_pickle=False) as archive:
+    data = file.read_bytes() if isinstance(file, Path) else file.read()
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
 
 
@@ -70,18 +92,52 @@ def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([per_row(part, name) for part in parts]) for name in shared}
 
 
-def remove_expired(directory: Path, retention_hours: float) -> int:
+def remove_expired(where: Where, retention_hours: float) -> int:
     """Remove log files older than the retention; return how many went."""
+    store = store_of(where)
     cutoff = time.time() - retention_hours * 3600
-    removed = 0
-    for path, _match in all_log_files(directory):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
-        except FileNotFoundError:
-            continue
-    return removed
+    expired = [file for file, _match in all_log_files(store) if file.mtime < cutoff]
+    for file in expired:
+        store.remove(file.name)
+    return len(expired)
+
+
+def merge_parts(where: Where, writer: str, kind: str, segment_bytes: int, seconds: float) -> None:
+    """Merge a writer's parts into one segment once they are big or old enough.
+
+    The segment is written before its parts are removed; a reader takes it
+    instead of any part it covers, so a crash in between duplicates nothing.
+    """
+    store = store_of(where)
+    parts = sorted(
+        (int(match.group(3)), file)
+        for file, match in all_log_files(store)
+        if match.group(1) == kind and match.group(2) == writer and not match.group(4)
+    )
+    if len(parts) < 2:
+        return
+    size = sum(file.size for _, file in parts)
+    age = time.time() - min(file.mtime for _, file in parts)
+    if size < segment_bytes and age < seconds:
+        return
+    merged = concatenate([load(file) for _, file in parts])
+    name = f"{kind}-{writer}-{parts[0][0]:08d}-{parts[-1][0]:08d}.npz"
+    store.write(name, to_bytes(merged))
+    for _, file in parts:
+        store.remove(file.name)
+
+
+def save_feedback(where: Where, rows: list[tuple[str, int, int]]) -> str:
+    """Write (request id, position, digit) rows as one feedback file of a writer of its own."""
+    arrays = {
+        "request_id": np.array([request_id for request_id, _, _ in rows]),
+        "position": np.array([position for _, position, _ in rows], dtype=np.int16),
+        "time": np.full(len(rows), time.time()),
+        "digit": np.array([digit for _, _, digit in rows], dtype=np.int8),
+    }
+    name = f"{FEEDBACK}-{writer_id()}-{1:08d}.npz"
+    store_of(where).write(name, to_bytes(arrays))
+    return name
 
 
 def with_features(part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -95,18 +151,30 @@ def with_features(part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**part, "features": image_features(part["pixels"])}
 
 
-def read_rows(directory: Path) -> dict[str, np.ndarray]:
-    """Every logged row in the folder, oldest first, with per-row model name and version."""
-    rows = concatenate([with_features(load(path)) for path in log_files(directory, ROWS)])
+def load_all(where: Where, kind: str) -> list[tuple[LogFile, dict[str, np.ndarray]]]:
+    """Every file a reader takes, loaded; listed again if a writer merged some meanwhile."""
+    store = store_of(where)
+    for attempt in range(3):
+        try:
+            return [(file, load(file)) for file in log_files(store, kind)]
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    return []
+
+
+def read_rows(where: Where) -> dict[str, np.ndarray]:
+    """Every logged row, oldest first, with per-row model name and version."""
+    rows = concatenate([with_features(part) for _, part in load_all(where, ROWS)])
     if not rows:
         return {}
     order = np.argsort(rows["time"], kind="stable")
     return {name: values[order] for name, values in rows.items()}
 
 
-def read_feedback(directory: Path) -> dict[tuple[str, int], int]:
+def read_feedback(where: Where) -> dict[tuple[str, int], int]:
     """The true digit of each (request id, position); the first one recorded wins."""
-    feedback = concatenate([load(path) for path in log_files(directory, FEEDBACK)])
+    feedback = concatenate([part for _, part in load_all(where, FEEDBACK)])
     truth: dict[tuple[str, int], int] = {}
     if not feedback:
         return truth
@@ -117,10 +185,10 @@ def read_feedback(directory: Path) -> dict[tuple[str, int], int]:
 
 
 class RequestIndex:
-    """How many images each logged request had, read from the folder as new files appear."""
+    """How many images each logged request had, read from the log as new files appear."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, where: Where) -> None:
+        self.store = store_of(where)
         self._files: dict[str, dict[str, int]] = {}
 
     def images_of(self, request_id: str) -> int | None:
@@ -142,14 +210,14 @@ class RequestIndex:
         return merged
 
     def refresh(self) -> None:
-        present = {path.name: path for path in log_files(self.directory, ROWS)}
+        present = {file.name: file for file in log_files(self.store, ROWS)}
         for name in set(self._files) - set(present):
             del self._files[name]
-        for name, path in present.items():
+        for name, file in present.items():
             if name in self._files:
                 continue
             try:
-                with np.load(path, allow_pickle=False) as archive:
+                with np.load(io.BytesIO(file.read()), allow_pickle=False) as archive:
                     request_ids, positions = archive["request_id"], archive["position"]
             except (OSError, ValueError, KeyError):
                 continue

@@ -23,6 +23,7 @@ import numpy as np
 from mnist_mlops.monitoring.calibration import estimate_words, health, per_digit_metrics
 from mnist_mlops.monitoring.drift import DRIFT, OK, TOO_FEW, Check, check
 from mnist_mlops.monitoring.log_files import read_feedback, read_rows
+from mnist_mlops.monitoring.log_store import unreadable
 from mnist_mlops.monitoring.reference import REFERENCE_ARTIFACT_DIR, load_reference
 
 EXIT_STATUS = {OK: 0, DRIFT: 3, TOO_FEW: 4}
@@ -47,7 +48,7 @@ class MonitorError(Exception):
 @dataclass(frozen=True)
 class MonitorSettings:
     model_uri: str
-    log_dir: Path
+    log_dir: Path | str  # a folder or an s3:// URL
     reports_dir: Path
     since: str = ""
     last: int = 0
@@ -78,7 +79,7 @@ def select(rows: dict[str, np.ndarray], name: str, version: str, since: str, las
     return chosen
 
 
-def true_digits(rows: dict[str, np.ndarray], log_dir: Path) -> np.ndarray:
+def true_digits(rows: dict[str, np.ndarray], log_dir: Path | str) -> np.ndarray:
     """The true digit of each row, -1 where none came back."""
     truth = read_feedback(log_dir)
     return np.array(
@@ -121,8 +122,9 @@ def run_monitor(settings: MonitorSettings) -> tuple[int, str]:
 
     if settings.since:
         window_seconds(settings.since)
-    if not settings.log_dir.is_dir():
-        raise MonitorError(f"no inference log at {settings.log_dir}: serve with --log-dir there")
+    problem = unreadable(settings.log_dir)
+    if problem:
+        raise MonitorError(f"{problem}: serve with --log-dir there")
     others = foreign_files(settings.reports_dir)
     if others:
         raise MonitorError(

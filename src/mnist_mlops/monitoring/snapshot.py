@@ -24,7 +24,7 @@ import numpy as np
 
 from mnist_mlops.atomic import atomic_path
 from mnist_mlops.model.digits import DataError, check_split
-from mnist_mlops.monitoring.log_files import ROWS, load, log_files, read_feedback
+from mnist_mlops.monitoring.log_files import ROWS, load_all, read_feedback
 
 # Sorted by time, then request id and position; `images` and `labels` are what training reads.
 COLUMNS = ("images", "labels", "time", "request_id", "position")
@@ -76,16 +76,16 @@ def load_snapshot(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def labelled_log_rows(log_dir: Path) -> tuple[dict[str, np.ndarray], int]:
+def labelled_log_rows(log_dir: Path | str) -> tuple[dict[str, np.ndarray], int]:
     """The logged images that have a true digit, and how many more had one but no pixels."""
     try:
         truth = read_feedback(log_dir)
-        parts = [(path, load(path)) for path in log_files(log_dir, ROWS)]
+        parts = load_all(log_dir, ROWS)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
         raise SnapshotError(f"{log_dir}: an unreadable inference log file ({error})") from None
     chosen = []
     without_pixels = 0
-    for path, part in parts:
+    for file, part in parts:
         keys = list(zip(part["request_id"].tolist(), part["position"].tolist(), strict=True))
         labelled = np.array([key in truth for key in keys], dtype=bool)
         if not labelled.any():
@@ -103,7 +103,7 @@ def labelled_log_rows(log_dir: Path) -> tuple[dict[str, np.ndarray], int]:
                 "position": part["position"][labelled].astype(np.int32),
             }
         )
-        _check(str(path), chosen[-1])
+        _check(f"{file.store}/{file.name}", chosen[-1])
     if not chosen:
         return empty_snapshot(), without_pixels
     rows = {name: np.concatenate([part[name] for part in chosen]) for name in COLUMNS}
@@ -166,7 +166,7 @@ def check_repository() -> None:
         )
 
 
-def snapshot(log_dir: Path, target: Path, track: bool = True) -> SnapshotSummary:
+def snapshot(log_dir: Path | str, target: Path, track: bool = True) -> SnapshotSummary:
     """Snapshot the labelled traffic of `log_dir` into `target`, merged with what it held."""
     if track:
         check_repository()

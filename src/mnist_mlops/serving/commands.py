@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from mnist_mlops.paths import PARAMS_FILE, inference_log_dir
+from mnist_mlops.monitoring.log_store import location
+from mnist_mlops.paths import PARAMS_FILE, inference_log_dir, inference_spool_dir
 
 CHAMPION_URI = "models:/mnist-classifier@champion"
 
@@ -47,10 +48,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     serving.add_argument(
         "--log-dir",
-        type=Path,
+        type=location,
         default=inference_log_dir(),
-        help="the inference log's folder, shared by replicas (%(default)s; "
+        help="the inference log, shared by replicas: a folder, or s3://BUCKET/PREFIX on the "
+        "team's object store for servers on many machines (%(default)s; "
         "MNIST_INFERENCE_LOG_DIR sets the default)",
+    )
+    serving.add_argument(
+        "--log-spool",
+        type=Path,
+        default=inference_spool_dir(),
+        help="with the log on an object store: the local folder its files wait in until the "
+        "store has them (%(default)s; MNIST_INFERENCE_SPOOL_DIR sets the default)",
     )
     serving.add_argument(
         "--no-log", action="store_true", help="keep no inference log (and take no feedback)"
@@ -160,6 +169,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def serve(arguments: argparse.Namespace) -> int:
     from mnist_mlops.monitoring.inference_log import LogSettings
+    from mnist_mlops.monitoring.log_store import store_of
+    from mnist_mlops.monitoring.s3 import S3Error
     from mnist_mlops.serving.server import Observation
     from mnist_mlops.serving.server import serve as run_server
     from mnist_mlops.serving.webhook import hook_url as url_of_hook
@@ -172,8 +183,11 @@ def serve(arguments: argparse.Namespace) -> int:
                 sample_rate=arguments.log_sample_rate,
                 pixels=not arguments.no_log_pixels,
                 retention_hours=arguments.log_retention_hours,
+                spool=arguments.log_spool,
             )
-    except ValueError as error:
+            if log.remote:  # keys are checked here; the store itself may be away for now
+                store_of(log.directory)
+    except (ValueError, S3Error) as error:
         print(f"mnist-mlops serve: {error}", file=sys.stderr)
         return 2
     if arguments.follow_seconds < 0:

@@ -90,9 +90,7 @@ def supervise(model_uri, host, port, observation, follow_seconds, workers, hook_
         "model_uri": model_uri,
         "metrics": observation.metrics,
         "access_log": observation.access_log,
-        "log": None
-        if observation.log is None
-        else {**asdict(observation.log), "directory": str(observation.log.directory)},
+        "log": None if observation.log is None else asdict(observation.log),
         "follow_seconds": follow_seconds,
         "folder": str(folder),
         "host": host,
@@ -255,9 +253,7 @@ def run_worker(spec: dict) -> int:
                 os.close(self.ready)
                 self.ready = None
 
-    log = spec["log"] and LogSettings(
-        **{**spec["log"], "directory": Path(spec["log"]["directory"])}
-    )
+    log = spec["log"] and LogSettings(**spec["log"])
     observation = Observation(metrics=spec["metrics"], log=log, access_log=spec["access_log"])
     try:
         following = (spec["follow_seconds"], spec["folder"], spec["hook_secret"])

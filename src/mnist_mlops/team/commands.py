@@ -80,7 +80,8 @@ def add_object_store_command(commands: argparse._SubParsersAction) -> None:
     store.add_argument(
         "--keys",
         metavar="NAME",
-        help="print NAME's keys (tracking, or a user) as `export` lines for a shell and exit",
+        help="print NAME's keys (tracking, serving, or a user) as `export` lines for a shell "
+        "and exit",
     )
     store.set_defaults(run=object_store)
 

@@ -17,8 +17,8 @@ waits until Ctrl-C or SIGTERM; killed outright, it takes SeaweedFS with it
   git-ignored): each identity's access key and secret key are HMAC-SHA256 of
   the secret and its name, so they survive restarts and `--keys NAME` prints
   them for whoever hands them out. `admin` creates the buckets; `tracking`
-  (the tracking server's) reaches `mlflow` only; each user named by `--users`
-  reaches `dvc` only. Anonymous requests, unknown keys and wrong secrets get 403.
+  reaches `mlflow` only, `serving` the inference log's `inference` only, each
+  user named by `--users` `dvc` only. Strangers and wrong secrets get 403.
 - **Nothing left in /tmp.** SeaweedFS opens a unix socket per gRPC port as
   /tmp/seaweedfs-<service>-grpc-<port>.sock; they are removed when the store
   stops, and stale ones before it starts.
@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-BUCKETS = ("mlflow", "dvc")
+BUCKETS = ("mlflow", "dvc", "inference")
 SECRET_MIN_LENGTH = 32
 # Each bucket reserves 7 volume slots; 100 leave room for many buckets.
 VOLUME_SLOTS = 100
@@ -99,7 +99,8 @@ def keys_for(secret: bytes, name: str) -> Keys:
 
 
 def identities(secret: bytes, users: list[str]) -> dict:
-    """SeaweedFS's S3 config: admin, tracking (bucket mlflow), each user (bucket dvc)."""
+    """SeaweedFS's S3 config: admin, tracking (bucket mlflow), serving (bucket inference), each
+    user (bucket dvc)."""
 
     def identity(name: str, actions: list[str]) -> dict:
         keys = keys_for(secret, name)
@@ -111,17 +112,19 @@ def identities(secret: bytes, users: list[str]) -> dict:
         "identities": [
             identity("admin", ["Admin", *_ACTIONS]),
             identity("tracking", scoped["mlflow"]),
+            identity("serving", scoped["inference"]),
             *(identity(user, scoped["dvc"]) for user in users),
         ]
     }
 
 
 def check_users(users: list[str]) -> None:
-    reserved = {"admin", "tracking"}
+    reserved = {"admin", "tracking", "serving"}
     for user in users:
         if not user.isidentifier() or user in reserved:
             raise ObjectStoreError(
-                f"user names are letters, digits and _ (not admin or tracking), got {user!r}"
+                "user names are letters, digits and _ (not admin, tracking or serving), "
+                f"got {user!r}"
             )
 
 
@@ -283,7 +286,8 @@ def run(data: Path, secret_file: Path, users: list[str], host: str, port: int) -
             print(
                 f"object store ready in {seconds:.1f} s: S3 at {endpoint}, buckets "
                 f"{', '.join(BUCKETS)}; data in {data}, log {log}; keys: "
-                f"mnist-mlops object-store --keys NAME ({', '.join(['tracking', *users])})",
+                "mnist-mlops object-store --keys NAME "
+                f"({', '.join(['tracking', 'serving', *users])})",
                 flush=True,
             )
             return wait_in_foreground([weed])
