@@ -39,6 +39,20 @@ _KERAS_REQUIREMENTS = ("mlflow", "tensorflow", "keras")
 _ONNX_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas")
 
 
+def warm_requirements() -> None:
+    """Map installed packages to their modules now, on a thread of the caller's choosing.
+
+    Logging a model checks its requirements against the environment, and the
+    first check reads every installed package's file list (a second and
+    more); done beside other work, the log itself no longer waits for it.
+    """
+    try:
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+    except ImportError:  # another MLflow: the check simply runs when the model is logged
+        return
+    _init_packages_to_modules_map()
+
+
 def pinned(names: tuple[str, ...]) -> list[str]:
     """The exact installed versions of `names`, as pip requirements.
 
