@@ -24,6 +24,7 @@ LONGEST_FIRST = (
     "tests/test_containers.py",
     # After the shared run is done: these copy it.
     "tests/tuning/test_tune_real.py",
+    "tests/pipeline/test_gate_real.py",
     # Its own clone and `make repro`, then the runbooks (about 6 minutes).
     "tests/test_tour.py",
     "tests/tuning/test_tune.py",

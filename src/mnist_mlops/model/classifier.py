@@ -102,6 +102,15 @@ class MnistClassifier(PythonModel):
         ]
 
 
+def python_model_of(model):
+    """The Python object behind a loaded pyfunc model (an MnistClassifier), or None for one of
+    another flavor."""
+    try:
+        return model.unwrap_python_model()
+    except Exception:
+        return None
+
+
 def _onnx_runtime(model_file: str):
     import onnxruntime
 

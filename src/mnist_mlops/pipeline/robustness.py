@@ -136,7 +136,9 @@ def champion_scores(config, recent_images, recent_labels, suite, test_labels) ->
     )
     batch = config.serving.max_batch_size
 
-    probabilities = getattr(_python_model(model), "probabilities", None)
+    from mnist_mlops.model.classifier import python_model_of
+
+    probabilities = getattr(python_model_of(model), "probabilities", None)
 
     def digits_of(images: np.ndarray) -> np.ndarray:
         if probabilities is not None:
@@ -154,13 +156,6 @@ def champion_scores(config, recent_images, recent_labels, suite, test_labels) ->
         return champion, Scores(recorded.test_accuracy, robustness=robustness)
     accuracy = float((digits_of(recent_images) == recent_labels).mean())
     return champion, Scores(recorded.test_accuracy, accuracy, len(recent_labels), robustness)
-
-
-def _python_model(model):
-    try:
-        return model.unwrap_python_model()
-    except Exception:
-        return None
 
 
 def before(champion: tuple) -> dict:
