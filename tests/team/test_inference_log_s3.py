@@ -23,7 +23,7 @@ from mnist_mlops.processes import cannot_listen
 from mnist_mlops.team.object_store import keys_for
 
 from ..conftest import free_port, run, subprocess_env, train_champion
-from ..serving.test_observed import call, predict
+from ..serving.test_observed import call, metrics, predict
 from .test_object_store import object_store
 
 LOG = "s3://inference/team"
@@ -137,6 +137,10 @@ def test_two_servers_one_log_on_the_store_through_a_restart_every_row_once(tmp_p
     with object_store(tmp_path, port) as (endpoint, secret, _process, _port):
         try:
             time.sleep(3)
+            # The store was away: the passes it refused are counted.
+            counted = metrics(url_a)
+            assert counted[("mnist_serving_inference_log_ship_failures_total", ())] > 0
+            assert counted[("mnist_serving_inference_log_files_shipped_total", ())] > 0
             answered = traffic.join()
             assert not traffic.failures, traffic.failures[:3]
             late = [rid for url, rid in answered if url == url_a][-5:]
@@ -172,8 +176,17 @@ def test_two_servers_one_log_on_the_store_through_a_restart_every_row_once(tmp_p
             **{(rid, position): [3, 4][position] for rid in late for position in (0, 1)},
         }
 
-        # The commands read it as they read a folder.
+        # The commands read it as they read a folder, and `feedback record` writes to it.
         cli_env = subprocess_env(MLFLOW_TRACKING_URI=uri, **log_env)
+        by_b = next(rid for url, rid in answered if url == url_b)
+        labels = tmp_path / "labels.csv"
+        labels.write_text(f"request_id,position,digit\n{by_b},0,7\n{by_b},1,8\nnone,0,1\n")
+        record = [sys.executable, "-m", "mnist_mlops", "feedback", "record", str(labels)]
+        recorded = run([*record, "--log-dir", LOG], directory, cli_env)
+        assert recorded.stdout.strip() == "feedback: 2 matched, 1 unknown, 0 duplicated"
+        again = run([*record, "--log-dir", LOG], directory, cli_env)
+        assert again.stdout.strip() == "feedback: 0 matched, 1 unknown, 2 duplicated"
+        early.append(by_b)  # two more true digits for the monitor and the snapshot
         reports = tmp_path / "reports"
         monitor = run(
             [

@@ -111,6 +111,8 @@ class InferenceLog:
         model_version: str,
         on_written: Callable[[int], None] = lambda rows: None,
         on_dropped: Callable[[int], None] = lambda rows: None,
+        on_shipped: Callable[[int], None] = lambda files: None,
+        on_ship_failed: Callable[[int], None] = lambda passes: None,
     ) -> None:
         self.settings = settings
         self.model_name, self.model_version = model_name, model_version
@@ -129,7 +131,11 @@ class InferenceLog:
         if settings.remote:
             # Opened here, so that missing keys or a bad URL stop the server at its start.
             self._shipper = Shipper(
-                store_of(settings.local), store_of(settings.directory), self._tidy, self._warn
+                store_of(settings.local),
+                store_of(settings.directory),
+                self._tidy,
+                self._warn,
+                counted=(on_shipped, on_ship_failed),
             )
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
         self._thread.start()

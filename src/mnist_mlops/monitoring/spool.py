@@ -37,10 +37,16 @@ class Shipper:
         store: S3Store,
         tidy: Callable[[], None],
         warn: Callable[[str], None],
+        counted: tuple[Callable[[int], None], Callable[[int], None]] = (
+            lambda files: None,
+            lambda passes: None,
+        ),
     ) -> None:
+        """`counted`: told of each file shipped, and of each pass the store refused."""
         self.spool, self.store, self.tidy, self.warn = spool, store, tidy, warn
         spool.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.shipped = self.failures = 0
+        self.on_shipped, self.on_failed = counted
         self._backlog = sum(file.size for file, _ in all_log_files(spool))
         self._last_tidy = time.monotonic()
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -68,9 +74,11 @@ class Shipper:
                 self.store.write(file.name, data)
                 self.spool.remove(file.name)
                 self.shipped += 1
+                self.on_shipped(1)
                 left -= file.size
         except OSError as error:
             self.failures += 1
+            self.on_failed(1)
             self.warn(f"cannot ship the log to {self.store} ({error}); kept in {self.spool}")
             return False
         finally:

@@ -109,6 +109,16 @@ class ServerMetrics:
             "Rows the inference log dropped (queue full or disk refusing)",
             registry=self.registry,
         )
+        self.log_shipped = Counter(
+            f"{prefix}_inference_log_files_shipped",
+            "Files the inference log's spool copied to the object store (a log on s3://)",
+            registry=self.registry,
+        )
+        self.log_ship_failures = Counter(
+            f"{prefix}_inference_log_ship_failures",
+            "Passes over the spool the object store refused or did not answer (files kept)",
+            registry=self.registry,
+        )
         self.feedback = Counter(
             f"{prefix}_feedback",
             "Feedback requests, by outcome",

@@ -82,6 +82,8 @@ def observe(app, model, served, metrics: bool, log_settings, siblings: str = "")
             served.version,
             on_written=server_metrics.log_written.inc if server_metrics else _ignore,
             on_dropped=server_metrics.log_dropped.inc if server_metrics else _ignore,
+            on_shipped=server_metrics.log_shipped.inc if server_metrics else _ignore,
+            on_ship_failed=server_metrics.log_ship_failures.inc if server_metrics else _ignore,
         )
         index = RequestIndex(log_settings.directory)
     _wrap_predict(model)
