@@ -79,13 +79,8 @@ class LogSettings:
             raise ValueError(f"a log on {self.directory} needs a local spool folder")
         if not 0 <= self.sample_rate <= 1:
             raise ValueError(f"the sample rate must be in 0–1, got {self.sample_rate}")
-        for name in (
-            "flush_seconds",
-            "queue_requests",
-            "segment_bytes",
-            "segment_seconds",
-            "spool_bytes",
-        ):
+        positive = ("flush_seconds", "queue_requests", "segment_bytes", "segment_seconds")
+        for name in (*positive, "spool_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.retention_hours <= 0:

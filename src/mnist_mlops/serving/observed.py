@@ -9,10 +9,8 @@ hands its input and answer to the request it serves; just before the
 answer goes out, the request is remembered for feedback and its images
 are counted and queued for the inference log: nothing waits for the disk.
 The boundary's limits (`guard.py`) run before a byte of the body is
-parsed, and an error answer never carries a stack trace.
-
-`POST /feedback` (feedback.py) takes `{"request_id": "...", "digits": [3, 7]}`,
-one true digit per image of that request, in order.
+parsed, and an error answer never carries a stack trace. `POST /feedback`
+(feedback.py) takes one true digit per image of a request, in order.
 """
 
 from __future__ import annotations
