@@ -1,5 +1,6 @@
 """The inference log's files, written by the real writer thread into a temporary folder."""
 
+import collections
 import os
 import shutil
 import time
@@ -97,9 +98,21 @@ def test_a_segment_stands_for_the_parts_it_covers_after_a_crash(tmp_path):
     assert len(log_files(tmp_path, "rows")) == 1
     for part in kept.iterdir():
         shutil.copy(part, tmp_path / part.name)
-    shutil.rmtree(kept)
     rows = read_rows(tmp_path)
     assert sorted(rows["request_id"].tolist()) == ["r0", "r0", "r1", "r1", "r2", "r2"]
+    # The same writer's next merge, with a new part beside the old ones (as when a
+    # shared spool ships a part again after its merge): the covered parts go, and
+    # none of their rows is merged a second time.
+    last = sorted(kept.iterdir())[-1]
+    newer = last.name.rsplit("-", 1)[0] + f"-{len(parts) + 1:08d}.npz"
+    shutil.copy(last, tmp_path / newer)
+    shutil.rmtree(kept)
+    merge_parts(tmp_path, log.writer, "rows", segment_bytes=1, seconds=3600)
+    assert {file.name for file, _ in all_log_files(tmp_path)} == {
+        file.name for file in log_files(tmp_path, "rows")
+    }
+    counts = collections.Counter(read_rows(tmp_path)["request_id"].tolist())
+    assert counts == {"r0": 2, "r1": 2, "r2": 4}
 
 
 def test_feedback_keeps_the_first_digit_of_each_image(tmp_path):

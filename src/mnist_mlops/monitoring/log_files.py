@@ -107,13 +107,19 @@ def merge_parts(where: Where, writer: str, kind: str, segment_bytes: int, second
 
     The segment is written before its parts are removed; a reader takes it
     instead of any part it covers, so a crash in between duplicates nothing.
+    A part a segment already covers (one shipped again from a shared spool
+    after its merge) is removed, never merged twice.
     """
     store = store_of(where)
-    parts = sorted(
-        (int(match.group(3)), file)
-        for file, match in all_log_files(store)
-        if match.group(1) == kind and match.group(2) == writer and not match.group(4)
-    )
+    taken = {file.name for file in log_files(store, kind)}
+    parts = []
+    for file, match in all_log_files(store):
+        if match.group(1) == kind and match.group(2) == writer and not match.group(4):
+            if file.name in taken:
+                parts.append((int(match.group(3)), file))
+            else:
+                store.remove(file.name)
+    parts.sort(key=lambda part: part[0])
     if len(parts) < 2:
         return
     size = sum(file.size for _, file in parts)
