@@ -36,7 +36,8 @@ from benchmarks.common import (
 from mnist_mlops.team.object_store import keys_for
 
 
-def start_store(folder: Path) -> tuple[subprocess.Popen, str, dict]:
+def start_store(folder: Path) -> tuple[subprocess.Popen, dict]:
+    """The store on free ports, and the environment that reaches it with the `serving` keys."""
     secret = folder / "object-store.secret"
     secret.write_text(secrets.token_urlsafe(48))
     secret.chmod(0o600)
@@ -51,7 +52,7 @@ def start_store(folder: Path) -> tuple[subprocess.Popen, str, dict]:
     wait_until(lambda: "object store ready" in output.read_text(), process, "object-store")
     endpoint = f"http://127.0.0.1:{port}"
     keys = keys_for(secret.read_bytes().strip(), "serving").environment()
-    return process, endpoint, {"AWS_ENDPOINT_URL": endpoint, **keys}
+    return process, {"AWS_ENDPOINT_URL": endpoint, **keys}
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
     body = one_image_body()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        store, endpoint, keys = start_store(folder)
+        store, keys = start_store(folder)
         servers = {}
         try:
             env = project_env(MLFLOW_TRACKING_URI=f"sqlite:///{PROJECT / 'mlflow.db'}", **keys)
