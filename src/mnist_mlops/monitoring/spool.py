@@ -45,7 +45,6 @@ class Shipper:
         """`counted`: told of each file shipped, and of each pass the store refused."""
         self.spool, self.store, self.tidy, self.warn = spool, store, tidy, warn
         spool.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.shipped = self.failures = 0
         self.on_shipped, self.on_failed = counted
         self._backlog = sum(file.size for file, _ in all_log_files(spool))
         self._last_tidy = time.monotonic()
@@ -57,7 +56,7 @@ class Shipper:
         self._wake.set()
 
     def backlog(self) -> int:
-        """Bytes in the spool at the end of the last pass, plus what was written since."""
+        """Bytes the spool held at the end of the last pass."""
         return self._backlog
 
     def ship(self) -> bool:
@@ -73,11 +72,9 @@ class Shipper:
                     continue
                 self.store.write(file.name, data)
                 self.spool.remove(file.name)
-                self.shipped += 1
                 self.on_shipped(1)
                 left -= file.size
         except OSError as error:
-            self.failures += 1
             self.on_failed(1)
             self.warn(f"cannot ship the log to {self.store} ({error}); kept in {self.spool}")
             return False
