@@ -23,6 +23,7 @@ from mnist_mlops.monitoring.log_files import (
     read_rows,
     remove_expired,
 )
+from mnist_mlops.monitoring.log_store import FolderStore
 
 
 def answers_for(images: np.ndarray) -> list[dict]:
@@ -113,6 +114,41 @@ def test_a_segment_stands_for_the_parts_it_covers_after_a_crash(tmp_path):
     }
     counts = collections.Counter(read_rows(tmp_path)["request_id"].tolist())
     assert counts == {"r0": 2, "r1": 2, "r2": 4}
+
+
+class ShippedMeanwhile(FolderStore):
+    """A log another process ships a part into right after each listing, as servers
+    sharing a spool do (their shippers run beside the merging one)."""
+
+    def __init__(self, root, arriving: list[tuple[str, bytes]]) -> None:
+        super().__init__(root)
+        self.arriving = arriving
+
+    def files(self):
+        listed = super().files()
+        if self.arriving:
+            self.write(*self.arriving.pop(0))
+        return listed
+
+
+def test_a_part_shipped_while_its_writer_merges_is_kept(tmp_path):
+    settings = LogSettings(tmp_path, flush_seconds=0.05, segment_bytes=10**9)
+    log = InferenceLog(settings, "m", "1")
+    for number in range(3):
+        batch = images(2, seed=number)
+        log.submit_rows(f"r{number}", batch, answers_for(batch))
+        time.sleep(0.15)
+    log.close()
+    parts = sorted(file.name for file in log_files(tmp_path, "rows"))
+    assert len(parts) >= 2
+    # The last part arrives only once the merge has listed the log.
+    last = tmp_path / parts[-1]
+    arriving = [(last.name, last.read_bytes())]
+    last.unlink()
+    merge_parts(ShippedMeanwhile(tmp_path, arriving), log.writer, "rows", 1, 3600)
+    assert last.exists(), "a part no segment covers was removed"
+    counts = collections.Counter(read_rows(tmp_path)["request_id"].tolist())
+    assert counts == {"r0": 2, "r1": 2, "r2": 2}
 
 
 def test_feedback_keeps_the_first_digit_of_each_image(tmp_path):

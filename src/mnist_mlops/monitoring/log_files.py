@@ -36,7 +36,12 @@ def all_log_files(where: Where) -> list[tuple[LogFile, re.Match]]:
 
 def log_files(where: Where, kind: str) -> list[LogFile]:
     """The files of one kind a reader takes: merged segments, and the parts none of them covers."""
-    files = [(file, match) for file, match in all_log_files(where) if match.group(1) == kind]
+    return taken_of(all_log_files(where), kind)
+
+
+def taken_of(listing: list[tuple[LogFile, re.Match]], kind: str) -> list[LogFile]:
+    """`log_files` of one listing: a part counts as covered only by a segment listed with it."""
+    files = [(file, match) for file, match in listing if match.group(1) == kind]
     covered: dict[str, list[tuple[int, int]]] = {}
     for _, match in files:
         if match.group(4):
@@ -111,9 +116,12 @@ def merge_parts(where: Where, writer: str, kind: str, segment_bytes: int, second
     after its merge) is removed, never merged twice.
     """
     store = store_of(where)
-    taken = {file.name for file in log_files(store, kind)}
+    # One listing for both questions: a part another process ships between two
+    # listings would look covered by no segment at all, and be removed unread.
+    listing = all_log_files(store)
+    taken = {file.name for file in taken_of(listing, kind)}
     parts = []
-    for file, match in all_log_files(store):
+    for file, match in listing:
         if match.group(1) == kind and match.group(2) == writer and not match.group(4):
             if file.name in taken:
                 parts.append((int(match.group(3)), file))
