@@ -43,8 +43,18 @@ LONGEST_FIRST = (
     "tests/pipeline/test_train_evaluate.py",
     "tests/serving/test_serving.py",
     "tests/team/test_object_store.py",
+    "tests/team/test_webhooks.py",
     "tests/team/test_inference_log_s3.py",
     "tests/monitoring/test_monitor.py",
+    "tests/serving/test_hostile.py",
+    "tests/serving/test_follow.py",
+    "tests/monitoring/test_lineage.py",
+    "tests/model/test_onnx.py",
+    "tests/team/test_secrets.py",
+    "tests/tracking/test_registry.py",
+    "tests/test_hostile_files.py",
+    "tests/monitoring/test_alerting.py",
+    "tests/monitoring/test_snapshot.py",
 )
 
 

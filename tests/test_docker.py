@@ -1,6 +1,7 @@
 """The Dockerfile: no engine runs here, so it is linted and checked against the README's install."""
 
 import ast
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 from .conftest import REPO_ROOT, free_port
 
@@ -56,7 +58,7 @@ def test_pipeline_image_installs_the_same_lock_file_as_make_install():
     makefile = (REPO_ROOT / "Makefile").read_text()
     readme = (REPO_ROOT / "README.md").read_text()
     containers = (REPO_ROOT / "docs" / "containers.md").read_text()
-    assert "--disable-pip-version-check --no-compile -r requirements-lock.txt" in makefile
+    assert "$(UV) -r requirements-lock.txt" in makefile
     assert "make test" in readme and "docker build" in containers
     pipeline = stages()["pipeline"]
     runs = instructions("RUN", pipeline)
@@ -64,6 +66,24 @@ def test_pipeline_image_installs_the_same_lock_file_as_make_install():
     assert any("pip install --no-deps ." in command for command in runs)
     copied = " ".join(instructions("COPY", pipeline))
     assert "requirements-lock.txt" in copied and "src" in copied
+
+
+def test_the_environment_holds_every_pin_of_the_lock_at_its_version():
+    """`make install` (uv) installed exactly what the lock pins, as pip did."""
+    pins = {
+        canonicalize_name(name): version for name, version in lock("requirements-lock.txt").items()
+    }
+    installed = {
+        canonicalize_name(dist.metadata["Name"]): dist.version
+        for dist in importlib.metadata.distributions()
+    }
+    assert len(pins) > 200
+    wrong = {
+        name: (version, installed.get(name))
+        for name, version in pins.items()
+        if installed.get(name) != version
+    }
+    assert not wrong, wrong
 
 
 def test_serving_image_installs_only_the_serving_pins_and_no_tensorflow():

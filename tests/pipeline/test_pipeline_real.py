@@ -20,9 +20,10 @@ def test_real_mnist_reaches_the_seed_accuracy(real_pipeline):
     assert keras_test_accuracy(project) == pytest.approx(mlp["test_accuracy"], abs=1e-4)
 
 
-# The preset trains for about 3 minutes on an idle machine's 2 cores, and
-# took 13 under the whole suite's load: 10 times the idle time is its bound.
-CNN_FAST_SECONDS = 1800
+# The preset trains for about 3 minutes on an idle machine's 2 cores, took 13
+# under the whole suite's load, and 31 while a container build (a changed lock
+# file) shared the machine with the suite: 15 times the idle time is its bound.
+CNN_FAST_SECONDS = 2700
 
 
 @pytest.mark.slow
