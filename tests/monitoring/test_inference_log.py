@@ -79,14 +79,20 @@ def test_rows_are_written_once_merged_and_read_back_exactly(tmp_path):
     assert any("-" in path.stem.split("-", 2)[2] for path in log_files(tmp_path, "rows"))
 
 
-def test_a_segment_stands_for_the_parts_it_covers_after_a_crash(tmp_path):
-    settings = LogSettings(tmp_path, flush_seconds=0.05, segment_bytes=10**9)
+def three_requests_in_parts(folder) -> InferenceLog:
+    """A closed log of requests r0, r1 and r2 (two images each), flushed into separate parts."""
+    settings = LogSettings(folder, flush_seconds=0.05, segment_bytes=10**9)
     log = InferenceLog(settings, "m", "1")
     for number in range(3):
         batch = images(2, seed=number)
         log.submit_rows(f"r{number}", batch, answers_for(batch))
         time.sleep(0.15)
     log.close()
+    return log
+
+
+def test_a_segment_stands_for_the_parts_it_covers_after_a_crash(tmp_path):
+    log = three_requests_in_parts(tmp_path)
     parts = log_files(tmp_path, "rows")
     assert len(parts) >= 2
     kept = tmp_path / "kept"
@@ -132,13 +138,7 @@ class ShippedMeanwhile(FolderStore):
 
 
 def test_a_part_shipped_while_its_writer_merges_is_kept(tmp_path):
-    settings = LogSettings(tmp_path, flush_seconds=0.05, segment_bytes=10**9)
-    log = InferenceLog(settings, "m", "1")
-    for number in range(3):
-        batch = images(2, seed=number)
-        log.submit_rows(f"r{number}", batch, answers_for(batch))
-        time.sleep(0.15)
-    log.close()
+    log = three_requests_in_parts(tmp_path)
     parts = sorted(file.name for file in log_files(tmp_path, "rows"))
     assert len(parts) >= 2
     # The last part arrives only once the merge has listed the log.
