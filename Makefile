@@ -34,9 +34,10 @@ help: ## List the targets
 # uv (pinned here) installs the lock: 15 s from PyPI and about 5 s from its
 # cache, against pip's 100 s for the same 3.4 GB, most of it pip's work per
 # package. Like pip with --no-compile, it leaves bytecode to each module's
-# first import, so only what is used gets compiled.
+# first import, so only what is used gets compiled. --system-certs: uv trusts
+# the system's certificates, as pip does (a proxy's own CA among them).
 UV_VERSION := 0.13.9
-UV := $(BIN)/uv pip install --quiet --python $(BIN)/python
+UV := $(BIN)/uv pip install --quiet --system-certs --python $(BIN)/python
 $(VENV)/.installed: requirements-lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
