@@ -117,7 +117,8 @@ def merge_parts(where: Where, writer: str, kind: str, segment_bytes: int, second
     """
     store = store_of(where)
     # One listing for both questions: a part another process ships between two
-    # listings would look covered by no segment at all, and be removed unread.
+    # listings is in the second and not the first, looks covered, and would be
+    # removed unread.
     listing = all_log_files(store)
     taken = {file.name for file in taken_of(listing, kind)}
     parts = []
