@@ -135,6 +135,15 @@ def resident_mib(pid: int, children: bool = True) -> float:
     return sum(member.memory_info().rss for member in members) / 2**20
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) of process `pid` and of every process below it."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    members = [parent, *parent.children(recursive=True)]
+    return sum(sum(member.cpu_times()[:2]) for member in members)
+
+
 def pid_serving(port: int) -> int:
     """The process whose command line serves on `port` (a replica the proxy started)."""
     for entry in Path("/proc").iterdir():

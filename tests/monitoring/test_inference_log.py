@@ -1,6 +1,7 @@
 """The inference log's files, written by the real writer thread into a temporary folder."""
 
 import collections
+import gc
 import os
 import shutil
 import time
@@ -77,6 +78,27 @@ def test_rows_are_written_once_merged_and_read_back_exactly(tmp_path):
     assert all("features" not in load(path) for path in log_files(tmp_path, "rows"))
     # Housekeeping merged the parts into a segment (segment_bytes=1 asks for it).
     assert any("-" in path.stem.split("-", 2)[2] for path in log_files(tmp_path, "rows"))
+
+
+def test_queued_rows_give_the_garbage_collector_nothing_to_track(tmp_path):
+    """A second of a busy server's rows waits in the queue as arrays, numbers and strings.
+
+    The answers' dicts and lists, kept until the writer ran, aged through the
+    collector's generations and set off full collections of the whole server.
+    """
+    log = InferenceLog(LogSettings(tmp_path, flush_seconds=3600), "m", "1")
+    batches = [images(1, seed=number) for number in range(2000)]
+    gc.collect()
+    tracked = len(gc.get_objects())
+    for number, batch in enumerate(batches):
+        assert log.submit_rows(f"r{number}", batch, answers_for(batch), "1", f"c{number}")
+    gc.collect()
+    assert len(gc.get_objects()) - tracked < 100
+    log.close()
+    rows = read_rows(tmp_path)
+    assert len(rows["request_id"]) == 2000
+    assert rows["probabilities"].shape == (2000, 10) and set(rows["digit"].tolist()) == {0}
+    assert rows["probabilities"][:, 0] == pytest.approx(0.91)
 
 
 def three_requests_in_parts(folder) -> InferenceLog:
