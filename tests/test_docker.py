@@ -2,6 +2,7 @@
 
 import ast
 import importlib.metadata
+import importlib.util
 import os
 import re
 import subprocess
@@ -84,6 +85,14 @@ def test_the_environment_holds_every_pin_of_the_lock_at_its_version():
         if installed.get(name) != version
     }
     assert not wrong, wrong
+
+
+def test_the_environment_holds_the_bytecode_of_what_every_process_imports():
+    """`make install` compiled it: with PYTHONDONTWRITEBYTECODE set, nothing else would."""
+    for name in ("tensorflow", "keras", "mlflow", "mlflow.store.tracking.sqlalchemy_store"):
+        source = Path(importlib.util.find_spec(name).origin)
+        compiled = Path(importlib.util.cache_from_source(str(source)))
+        assert compiled.exists(), f"no bytecode for {source}"
 
 
 def test_serving_image_installs_only_the_serving_pins_and_no_tensorflow():
