@@ -126,22 +126,22 @@ def answers(url: str, context=None) -> bool:
         return True
 
 
-def resident_mib(pid: int, children: bool = True) -> float:
-    """Resident memory of process `pid` (and, by default, of every process below it)."""
+def process_tree(pid: int, children: bool = True) -> list:
+    """Process `pid` (psutil) and, by default, every process below it."""
     import psutil
 
     parent = psutil.Process(pid)
-    members = [parent, *(parent.children(recursive=True) if children else ())]
-    return sum(member.memory_info().rss for member in members) / 2**20
+    return [parent, *(parent.children(recursive=True) if children else ())]
+
+
+def resident_mib(pid: int, children: bool = True) -> float:
+    """Resident memory of process `pid` (and, by default, of every process below it)."""
+    return sum(member.memory_info().rss for member in process_tree(pid, children)) / 2**20
 
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user and system) of process `pid` and of every process below it."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    members = [parent, *parent.children(recursive=True)]
-    return sum(sum(member.cpu_times()[:2]) for member in members)
+    return sum(sum(member.cpu_times()[:2]) for member in process_tree(pid))
 
 
 def pid_serving(port: int) -> int:
