@@ -90,10 +90,10 @@ test: install install-spark install-jax install-object-store lint docs-build ## 
 
 FAST_TIER := -m "not slow and not containers and not heavy"
 
-test-fast: install install-spark install-jax install-object-store ## Every wing in minutes: leaves out the real-data, container and heavy tests
+test-fast: install install-spark install-jax install-object-store docs-assets ## Every wing in minutes: leaves out the real-data, container and heavy tests
 	pytest -n $(TEST_WORKERS) $(FAST_TIER)
 
-test-busy: install install-spark install-jax install-object-store ## The fast tier twice in a row while a busy loop holds every core
+test-busy: install install-spark install-jax install-object-store docs-assets ## The fast tier twice in a row while a busy loop holds every core
 	@busy=""; for core in $$(seq $$(nproc)); do python -c 'while True: pass' & busy="$$busy $$!"; done; \
 	trap "kill $$busy" EXIT; \
 	pytest -n $(TEST_WORKERS) $(FAST_TIER) && pytest -n $(TEST_WORKERS) $(FAST_TIER)
