@@ -6,6 +6,7 @@ and never the tests.
 """
 
 import http.client
+import json
 import os
 import socket
 import statistics
@@ -59,8 +60,6 @@ def test_images(count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
 
 def one_image_body() -> bytes:
     """A scoring request of the test split's first image, in MLflow's `inputs` format."""
-    import json
-
     return json.dumps({"inputs": test_images(1)[0].tolist()}).encode()
 
 
@@ -144,6 +143,16 @@ def cpu_seconds(pid: int) -> float:
     return sum(sum(member.cpu_times()[:2]) for member in process_tree(pid))
 
 
+def wait_quiet(pid: int, seconds: float = 60) -> None:
+    """Wait until `pid` and its children idle (< 0.05 CPU-s in 0.5 s): every worker has loaded."""
+    deadline, used = time.monotonic() + seconds, cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        used, before = cpu_seconds(pid), used
+        if used - before < 0.05:
+            return
+
+
 def pid_serving(port: int) -> int:
     """The process whose command line serves on `port` (a replica the proxy started)."""
     for entry in Path("/proc").iterdir():
@@ -186,9 +195,8 @@ def mlflow_server(
 def post(port: int, body: bytes, timeout: float = 30) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        connection.request(
-            "POST", "/invocations", body=body, headers={"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json"}
+        connection.request("POST", "/invocations", body=body, headers=headers)
         response = connection.getresponse()
         response.read()
         return response.status
@@ -260,9 +268,8 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def spread(values: list[float], unit: str = "s") -> str:
-    return (
-        f"median {statistics.median(values):.2f} {unit}, range {min(values):.2f}–{max(values):.2f}"
-    )
+    low, high = min(values), max(values)
+    return f"median {statistics.median(values):.2f} {unit}, range {low:.2f}–{high:.2f}"
 
 
 def alternating(rounds: int, names: list[str], step: Callable[[str], list[float] | float]):

@@ -48,6 +48,7 @@ from benchmarks.common import (
     one_image_body,
     post,
     project_env,
+    wait_quiet,
     wait_until,
 )
 
@@ -156,7 +157,7 @@ def one_round(name: str, spec, body_file: Path, answers: dict) -> list[dict]:
     try:
         wait_until(lambda: post(port, body, timeout=5) == 200, process, name, seconds=300)
         sample = {"start_s": time.perf_counter() - started}
-        time.sleep(2)  # the other workers of a multi-process server finish loading
+        wait_quiet(process.pid)  # the other workers of a multi-process server load too
         for load_name, (clients, requests) in LOADS.items():
             cpu = cpu_seconds(process.pid)
             measured = load(port, path, body_file, clients, requests)

@@ -1,8 +1,9 @@
 """Helpers for the servers the commands run in the foreground (nginx, Prometheus, Alertmanager,
-Spark's master and worker)."""
+Spark's master and worker, the model server's workers)."""
 
 import contextlib
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -69,3 +70,33 @@ def stop_all(processes: list[subprocess.Popen], timeout: float = 20) -> None:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+class Forked:
+    """A worker forked from the supervisor, with the part of subprocess.Popen that stop_all uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def terminate(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)

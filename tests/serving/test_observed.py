@@ -394,6 +394,7 @@ class Clients:
 def test_workers_count_and_log_every_request_once_and_sigterm_drains_them_all(store, tmp_path):
     directory, uri, images = store
     log_dir, port = tmp_path / "log", free_port()
+    begun = time.clock_gettime(time.CLOCK_BOOTTIME)
     process = subprocess.Popen(
         serve_command(port, log_dir, "--workers", "2"),
         cwd=directory,
@@ -404,6 +405,14 @@ def test_workers_count_and_log_every_request_once_and_sigterm_drains_them_all(st
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
+        while _worker_count(url) == 0:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        first_answer = time.clock_gettime(time.CLOCK_BOOTTIME) - begun
+        # The second worker was forked with the first, not after its first answer: it imports
+        # meanwhile and then only loads the model, listening a model load later, not a start.
+        started = sorted(_started(pid) for pid in worker_pids(process.pid))
+        assert len(started) == 2 and started[1] - started[0] < first_answer / 2, started
         while (workers := _worker_count(url)) != 2:
             assert process.poll() is None and time.monotonic() < deadline, workers
             time.sleep(0.2)
@@ -437,6 +446,12 @@ def test_workers_count_and_log_every_request_once_and_sigterm_drains_them_all(st
     assert set(ids) == set(answered) | set(in_flight) and set(counts) == {2}
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
     assert not Path(folder).exists()
+
+
+def _started(pid: int) -> float:
+    """When process `pid` started, in seconds since boot (CLOCK_BOOTTIME)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _worker_count(url: str) -> float:

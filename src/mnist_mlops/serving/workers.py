@@ -1,14 +1,17 @@
 """`mnist-mlops serve --workers N`: N server processes on one port, so that every core answers.
 
 One process answers on one core: the event loop and the model share one
-GIL. This process (the supervisor) holds the port, starts one worker, and
-starts the others once the first answers, so that the first answer comes
-as soon as with one process, and a model that cannot be loaded is reported
-once. Workers are forked from the supervisor, which has imported no more
-than the command line and holds no thread: a worker starts without a second
-interpreter start-up and a second import of the command line. Each worker
-listens on the port with a socket of its own (SO_REUSEPORT): the kernel
-spreads the connections over them. Each is a whole server (server.py): its
+GIL. This process (the supervisor) holds the port and forks the workers at
+once, one per core; only the first loads the model, the others import what
+serving needs and wait for its first answer. So the first answer comes as
+soon as with one process, a model that cannot be loaded is reported once,
+and the others listen a model load later (a second or two), not a whole
+start later: keep-alive connections a client opens just after the first
+answer do not all land on the first worker. Workers beyond the cores start
+after the first answer. The supervisor has imported no more than the
+command line and holds no thread. Each worker listens on the port with a
+socket of its own (SO_REUSEPORT): the kernel spreads the connections over
+them. Each is a whole server (server.py): its
 own model and ONNX session, the hot path, its own part of the inference log
 (as replicas write theirs), and a follower of the alias. Besides:
 
@@ -28,12 +31,12 @@ own model and ONNX session, the hot path, its own part of the inference log
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +44,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from mnist_mlops.processes import port_taken, stop_all, stop_with_parent
+from mnist_mlops.processes import Forked, port_taken, stop_all, stop_with_parent
 from mnist_mlops.serving import webhook
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -126,36 +129,6 @@ def supervise(model_uri, host, port, observation, follow_seconds, workers, hook_
     return 0
 
 
-class Forked:
-    """A worker forked from the supervisor, with the part of subprocess.Popen that stop_all uses."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.returncode = pid, None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
-            time.sleep(0.05)
-        return self.returncode
-
-    def terminate(self) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-
-    def kill(self) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-
-
 class Pool:
     """The worker processes, by slot."""
 
@@ -163,8 +136,9 @@ class Pool:
         self.spec, self.size, self.reservation = spec, size, reservation
         self.processes: dict[int, Forked] = {}
         self.started: dict[int, float] = {}
+        self.waiting: dict[int, int] = {}  # slot: the pipe that tells it to go on
 
-    def start(self, slot: int, ready: int | None = None) -> Forked:
+    def start(self, slot: int, ready: int | None = None, go: int | None = None) -> Forked:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -179,7 +153,9 @@ class Pool:
                 for signum in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(signum, signal.SIG_DFL)
                 self.reservation.close()
-                status = run_worker({**self.spec, "slot": slot, "ready": ready})
+                for other in self.waiting.values():
+                    os.close(other)
+                status = run_worker({**self.spec, "slot": slot, "ready": ready, "go": go})
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -195,6 +171,10 @@ class Pool:
         read, write = os.pipe()
         process = self.start(0, write)
         os.close(write)
+        for slot in range(1, min(self.size, len(os.sched_getaffinity(0)))):
+            go, self.waiting[slot] = os.pipe()
+            self.start(slot, go=go)
+            os.close(go)
         try:
             while not stopping:
                 readable, _, _ = select.select([read], [], [], 0.2)
@@ -207,8 +187,15 @@ class Pool:
             os.close(read)
 
     def start_rest(self) -> None:
+        """Let the waiting workers load the model, and start the ones beyond the cores."""
+        for slot, go in list(self.waiting.items()):
+            with contextlib.suppress(OSError):  # it died meanwhile: replace_dead starts another
+                os.write(go, b"g")
+            os.close(go)
+            del self.waiting[slot]
         for slot in range(1, self.size):
-            self.start(slot)
+            if slot not in self.processes:
+                self.start(slot)
 
     def replace_dead(self) -> None:
         for slot, process in list(self.processes.items()):
@@ -222,11 +209,14 @@ class Pool:
             self.start(slot)
 
     def stop(self) -> None:
+        for go in self.waiting.values():  # never told to go on: they end without a word
+            os.close(go)
+        self.waiting.clear()
         stop_all(list(self.processes.values()), STOP_SECONDS)
         for process in self.processes.values():
             self._forget(process)
 
-    def _forget(self, process: subprocess.Popen) -> None:
+    def _forget(self, process: Forked) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(process.pid, str(Path(self.spec["folder"]) / "metrics"))
@@ -253,6 +243,14 @@ def run_worker(spec: dict) -> int:
                 os.close(self.ready)
                 self.ready = None
 
+    if spec["go"] is not None:
+        from mnist_mlops.serving.server import import_server_modules
+
+        import_server_modules()
+        told = os.read(spec["go"], 1)
+        os.close(spec["go"])
+        if told != b"g":  # the first worker could not start, or the server is stopping
+            return 0
     log = spec["log"] and LogSettings(**spec["log"])
     observation = Observation(metrics=spec["metrics"], log=log, access_log=spec["access_log"])
     try:
