@@ -85,8 +85,8 @@ tune: install ## Search hyperparameters with Optuna (STUDY=…, TRIALS=…, SEAR
 # of the suite waits on servers, outages and subprocesses rather than computing.
 TEST_WORKERS ?= 3
 
-test: install install-spark install-jax install-object-store lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included; the 15 slowest at the end
-	pytest -n $(TEST_WORKERS) --durations=15
+test: install install-spark install-jax install-object-store lint docs-build ## Lint, build the docs (--strict), run every test, slow ones included; the 15 slowest and the 15 costliest in CPU at the end
+	pytest -n $(TEST_WORKERS) --durations=15 --cpu-top=15
 
 FAST_TIER := -m "not slow and not containers and not heavy"
 

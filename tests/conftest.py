@@ -32,6 +32,16 @@ from omegaconf import OmegaConf
 from mnist_mlops.config import Config, validate
 from mnist_mlops.pipeline.fetch import IDX_FILES, NPZ_FILE
 
+from .cpu_time import (  # noqa: F401  (hooks: what each test costs in CPU, --cpu-top)
+    pytest_addoption,
+    pytest_runtest_call,
+    pytest_runtest_logreport,
+    pytest_runtest_makereport,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+    pytest_sessionstart,
+    pytest_terminal_summary,
+)
 from .scheduling import pytest_collection_modifyitems  # noqa: F401  (a hook: the longest first)
 
 # The suite runs more workers than the machine has cores (Makefile: TEST_WORKERS):
