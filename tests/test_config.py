@@ -71,7 +71,7 @@ def test_every_experiment_preset_composes_and_builds(preset):
 def test_presets_select_what_they_promise():
     cnn_fast = validate(compose_config("experiment=cnn_fast"))
     assert (cnn_fast.model_name, cnn_fast.raw["optimizer"]["name"]) == ("cnn", "adam")
-    assert cnn_fast.train.epochs == 10
+    assert cnn_fast.train.epochs == 10 and cnn_fast.model.filters == [16, 32]
     assert compose_config("experiment=mlp_seed") == compose_config()
     # Overrides on the command line still win over a preset.
     assert validate(compose_config("experiment=cnn_fast", "train.epochs=2")).train.epochs == 2
