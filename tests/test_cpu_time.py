@@ -5,7 +5,7 @@ import sys
 
 from .conftest import REPO_ROOT, run, subprocess_env
 
-TWO_TESTS = '''
+TWO_TESTS = """
 import subprocess, sys, time
 
 BURN = "import time\\nwhile time.process_time() < 1.0: pass"
@@ -17,7 +17,7 @@ def test_burns_a_cpu_second_in_a_child():
 
 def test_sleeps_a_second():
     time.sleep(1.0)
-'''
+"""
 
 
 def test_cpu_top_counts_the_cpu_of_the_processes_a_test_waits_for_not_its_sleep(tmp_path):

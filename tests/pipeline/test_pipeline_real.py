@@ -20,9 +20,9 @@ def test_real_mnist_reaches_the_seed_accuracy(real_pipeline):
     assert keras_test_accuracy(project) == pytest.approx(mlp["test_accuracy"], abs=1e-4)
 
 
-# The preset trains for about 3 minutes on an idle machine's 2 cores, took 13
-# under the whole suite's load, and 31 while a container build (a changed lock
-# file) shared the machine with the suite: 15 times the idle time is its bound.
+# The preset trains for about 6 minutes on an idle machine's 2 cores (docs/pipeline.md);
+# with 32 and 64 filters, 3 minutes on a faster machine took 13 under the whole suite's
+# load, and 31 while a container build shared the machine: 7 times the idle time is its bound.
 CNN_FAST_SECONDS = 2700
 
 
