@@ -51,6 +51,11 @@ from .scheduling import pytest_collection_modifyitems  # noqa: F401  (a hook: th
 # time, idle or loaded. A test that needs both cores says so (the cnn_fast preset).
 for _threads in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
     os.environ.setdefault(_threads, "1")
+# Likewise one model-server process for each `mnist-mlops serve` a test starts (a
+# worker per core by default, each loading the model: about 4 CPU-seconds more per
+# server here). The tests of the workers themselves pass --workers; the tour runs
+# the README's `serve` as a user's shell does, a worker per core.
+os.environ.setdefault("MNIST_SERVE_WORKERS", "1")
 ALL_CORES = {"TF_NUM_INTRAOP_THREADS": "0", "TF_NUM_INTEROP_THREADS": "0"}
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from mnist_mlops.team.server import AUTH_CACHE_SECONDS
 from mnist_mlops.tracking import history
 
 from ..conftest import (
@@ -138,6 +139,45 @@ def test_requests_without_valid_credentials_are_refused(team_server, headers):
     allowed = urllib.request.Request(endpoint, headers=basic_auth("admin", password))
     with urllib.request.urlopen(allowed, timeout=10) as response:
         assert response.status == 200
+
+
+def status_of(endpoint: str, headers: dict, method: str = "GET", body: dict | None = None) -> int:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {**headers, "Content-Type": "application/json"}
+    request = urllib.request.Request(endpoint, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.heavy
+def test_a_changed_password_is_refused_once_every_worker_s_login_cache_expires(team_server):
+    """Each worker trusts a login it checked for AUTH_CACHE_SECONDS, not longer."""
+    import time
+
+    url, password, _artifacts = team_server
+    admin = basic_auth("admin", password)
+    old, new = f"old-{os.urandom(8).hex()}", f"new-{os.urandom(8).hex()}"
+    users = f"{url}/api/2.0/mlflow/users"
+    created = {"username": "carol", "password": old}
+    assert status_of(f"{users}/create", admin, "POST", created) == 200
+    endpoint = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+
+    def tries(login: str) -> list[int]:
+        """Twelve requests as carol: enough that every worker answers some."""
+        return [status_of(endpoint, basic_auth("carol", login)) for _ in range(12)]
+
+    assert tries(old) == [200] * 12  # every worker has checked, and cached, the old login
+    changed = time.monotonic()
+    update = {"username": "carol", "password": new}
+    assert status_of(f"{users}/update-password", admin, "PATCH", update) == 200
+    assert tries(new) == [200] * 12
+    # The old password gets in only while some worker's cached login lasts; then nowhere.
+    while (tried := tries(old)) != [401] * 12:
+        assert time.monotonic() - changed < AUTH_CACHE_SECONDS + 15, tried
+        time.sleep(0.5)
 
 
 @pytest.mark.heavy

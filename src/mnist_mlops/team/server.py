@@ -32,6 +32,10 @@ ADMIN_PASSWORD_ENV = "MLFLOW_TRACKING_ADMIN_PASSWORD"
 MLFLOW_DEFAULT_ADMIN_PASSWORD = "password1234"
 ADMIN_USERNAME = "admin"
 S3_KEY_ENVS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# How long a worker trusts a login it checked (a scrypt hash, 0.1 CPU-s here, which
+# every request of a run's per-second logging paid): a password changed or a user
+# deleted through another worker is still let in for at most this long.
+AUTH_CACHE_SECONDS = 30
 
 
 class TeamServerError(RuntimeError):
@@ -137,6 +141,7 @@ def auth_config(backend_store_uri: str, password: str) -> str:
         f"admin_username = {ADMIN_USERNAME}\n"
         f"admin_password = {password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n"
     )
 
 
@@ -242,17 +247,13 @@ def serve(
         bucket, prefix = check_s3_destination(artifacts_destination, s3_endpoint_url)
         if import_from is not None:
             copied, skipped = import_artifacts(import_from, bucket, prefix)
-            print(
-                f"imported {copied} artifact files from {import_from} into "
-                f"{artifacts_destination} ({skipped} already there)",
-                flush=True,
-            )
+            where = f"from {import_from} into {artifacts_destination}"
+            print(f"imported {copied} artifact files {where} ({skipped} already there)", flush=True)
     elif import_from is not None:
         raise TeamServerError("--import-artifacts needs an s3:// --artifacts-destination")
     if admin_uri:
         prepare_postgres(admin_uri, backend_store_uri)
-    # SQLAlchemy 2.1 would pick the psycopg 3 driver for postgresql://; the
-    # team extra installs psycopg2.
+    # SQLAlchemy 2.1 would pick psycopg 3 for postgresql://; the team extra has psycopg2.
     store_uri = backend_store_uri.replace("postgresql://", "postgresql+psycopg2://", 1)
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = private_file(auth_config(store_uri, password))
     # In the environment, never on the command line, where any local user reads it.
@@ -276,8 +277,7 @@ def serve(
 
 
 def webhook_settings(password: str) -> None:
-    """Let the registry's webhooks reach `mnist-mlops serve` (serving/webhook.py), each default
-    kept when set.
+    """Let the registry's webhooks reach `mnist-mlops serve` (serving/webhook.py), if not set.
 
     MLflow calls webhooks over HTTPS to public addresses only, against
     server-side request forgery; a server following the champion listens on
@@ -287,8 +287,7 @@ def webhook_settings(password: str) -> None:
     """
     os.environ.setdefault("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
     os.environ.setdefault("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "https,http")
-    # The list of webhooks is cached per event, 60 s by default: a server that
-    # registered in that time would not be called.
+    # Webhooks are cached per event, 60 s by default: one registered meanwhile is not called.
     os.environ.setdefault("MLFLOW_WEBHOOK_CACHE_TTL", "2")
     # Their secrets are stored encrypted. Without a key MLflow makes one per
     # process, which no other worker and no restarted server can read: derive
