@@ -6,7 +6,6 @@ spool each, and the store restarted on its port while they answer.
 """
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -19,34 +18,22 @@ import pytest
 
 from mnist_mlops.monitoring.log_files import log_files, read_feedback, read_rows
 from mnist_mlops.monitoring.log_store import S3Store
-from mnist_mlops.processes import cannot_listen
 from mnist_mlops.team.object_store import keys_for
 
 from ..conftest import free_port, run, subprocess_env, train_champion
 from ..serving.test_observed import call, metrics, predict
-from .test_object_store import object_store
+from .test_object_store import free_port_run, object_store
 
 LOG = "s3://inference/team"
 
 pytestmark = pytest.mark.heavy
 
 
-def ports_outside_the_ephemeral_range(count: int = 8) -> int:
-    """A run of free ports that no outgoing connection is given meanwhile: the store restarts
-    on the same ones, and its clients connect (and fail to, while it is away) in between."""
-    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    for _attempt in range(100):
-        base = random.randrange(10_000, low - count)
-        if not any(cannot_listen("127.0.0.1", port) for port in range(base, base + count)):
-            return base
-    raise AssertionError("no run of free ports found below the ephemeral range")
-
-
 def serve(directory: Path, env: dict, spool: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
         *(sys.executable, "-m", "mnist_mlops", "serve", "--port", str(port)),
-        *("--log-dir", LOG, "--log-spool", str(spool)),
+        *("--log-dir", LOG, "--log-spool", str(spool), "--workers", "2"),
     ]
     output = open(spool.parent / f"{spool.name}.out", "w")  # noqa: SIM115 (closed with the test)
     process = subprocess.Popen(command, cwd=directory, env=env, stdout=output, stderr=output)
@@ -111,7 +98,7 @@ def test_two_servers_one_log_on_the_store_through_a_restart_every_row_once(tmp_p
     directory = tmp_path / "project"
     directory.mkdir()
     uri, images = train_champion(directory)
-    port = ports_outside_the_ephemeral_range()
+    port = free_port_run()
     with object_store(tmp_path, port) as (endpoint, secret, _process, _port):
         env = subprocess_env(
             MLFLOW_TRACKING_URI=uri,

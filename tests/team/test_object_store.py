@@ -7,6 +7,7 @@ DVC remote on it.
 
 import http.client
 import os
+import random
 import secrets
 import shutil
 import ssl
@@ -26,7 +27,6 @@ from mnist_mlops.team.object_store import grpc_sockets, internal_ports, keys_for
 from ..conftest import (
     REPO_ROOT,
     command_lines,
-    free_port,
     parent_of,
     run,
     subprocess_env,
@@ -38,14 +38,18 @@ if shutil.which("weed", path=str(Path(sys.executable).parent)) is None:
 
 
 def free_port_run(count: int = 8) -> int:
-    """The first of `count` consecutive free ports on 127.0.0.1 (S3's, then the internal ones)."""
-    for _attempt in range(50):
-        base = free_port()
-        if base + count < 65536 and not any(
-            cannot_listen("127.0.0.1", port) for port in range(base, base + count)
-        ):
+    """The first of `count` consecutive free ports on 127.0.0.1 (S3's, then the internal ones).
+
+    Below the kernel's ephemeral range, so that no outgoing connection of another test is
+    given one of them between this check and SeaweedFS's listening (one was, in CI: "s3
+    failed to listen on grpc port …: address already in use"), nor while a store restarts.
+    """
+    low, _high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _attempt in range(100):
+        base = random.randrange(10_000, low - count)
+        if not any(cannot_listen("127.0.0.1", port) for port in range(base, base + count)):
             return base
-    raise AssertionError("no run of free ports found")
+    raise AssertionError("no run of free ports found below the ephemeral range")
 
 
 def secret_file(directory: Path) -> Path:
