@@ -4,6 +4,7 @@ The stage is `python -m mnist_mlops train` as DVC runs it; the other
 processes are `mnist-mlops train-worker` (or the stage's own local workers).
 """
 
+import json
 import os
 import re
 import signal
@@ -49,6 +50,48 @@ def test_every_global_batch_is_split_evenly_and_completely():
     assert len(set(used)) == len(used) == 1000 - 1000 % 4
     # The same global batches, and so the same training, for any number of processes.
     assert (epoch_order(1000, 7, 3) == order).all() and (epoch_order(1000, 7, 4) != order).any()
+
+
+SEEDED = """
+import json, random, sys
+import numpy as np
+from mnist_mlops.model.architectures import import_keras, set_random_seed
+
+keras = import_keras()
+def draws():
+    return [random.random(), float(np.random.rand()), float(keras.random.uniform(()))]
+set_random_seed(7)
+ours, tensorflow = draws(), "tensorflow" in sys.modules
+keras.utils.set_random_seed(7)
+print(json.dumps({"ours": ours, "keras": draws(), "tensorflow": tensorflow}))
+"""
+
+
+def test_a_process_on_jax_is_seeded_as_keras_seeds_it_without_loading_tensorflow():
+    """Keras's own seeding loads TensorFlow (5 CPU-seconds) into every JAX process."""
+    env = subprocess_env(KERAS_BACKEND="jax")
+    result = run([sys.executable, "-c", SEEDED], Path.cwd(), env)
+    seeded = json.loads(result.stdout.splitlines()[-1])
+    assert seeded["ours"] == seeded["keras"] and not seeded["tensorflow"], seeded
+
+
+ON_TENSORFLOW = """
+import json, sys
+from mnist_mlops.model.architectures import import_keras
+
+keras = import_keras()
+during = "jax" in sys.modules
+import jax
+
+print(json.dumps({"backend": keras.backend.backend(), "jax": during, "then": jax.__name__}))
+"""
+
+
+def test_a_process_on_tensorflow_never_loads_jax_and_can_still_import_it():
+    """TensorFlow imports JAX as an option wherever it is installed (0.7 CPU-s a process)."""
+    result = run([sys.executable, "-c", ON_TENSORFLOW], Path.cwd(), subprocess_env())
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert loaded == {"backend": "tensorflow", "jax": False, "then": "jax"}, loaded
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ tracking server, all on 127.0.0.1. Clients hold no S3 keys: only the
 tracking URI and their MLflow login.
 """
 
+import contextlib
 import filecmp
 import json
 import os
@@ -154,13 +155,29 @@ def remote(project: Path, endpoint: str, keys, env: dict) -> dict:
     return {**env, **keys.environment()}
 
 
+# The push test's big file, and how much of it lands before the store is killed: more than
+# the rest of the tiny project (about 5 MB), less than the first of DVC's 50 MB parts (s3fs).
+BIG_MEGABYTES = 128
+LANDED_MEGABYTES = 16
+
+
+def megabytes_in(folder: Path) -> float:
+    """What the store's files hold, read while it writes (a file may go between list and stat)."""
+    total = 0
+    for parent, _folders, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(parent, name)).st_size
+    return total / 2**20
+
+
 @pytest.mark.heavy
 def test_dvc_push_and_pull_through_the_store_and_a_store_killed_mid_push(tmp_path, http_mirror):
     env = without_s3_keys(subprocess_env(MNIST_MIRROR=http_mirror))
     first = tiny_clone(tmp_path / "first")
     run(["dvc", "repro"], first, env)
     big = first / "data" / "big.bin"
-    big.write_bytes(os.urandom(300 * 1024 * 1024))
+    big.write_bytes(os.urandom(BIG_MEGABYTES * 1024 * 1024))
     run(["dvc", "add", "data/big.bin"], first, env)
     run(["git", "add", "-A"], first, env)
     run(["git", "commit", "-q", "-m", "data"], first, env)
@@ -168,6 +185,7 @@ def test_dvc_push_and_pull_through_the_store_and_a_store_killed_mid_push(tmp_pat
     with object_store(tmp_path, port) as (endpoint, secret, process, _port):
         alice = keys_for(secret, "alice")
         with_keys = remote(first, endpoint, alice, env)
+        stored = megabytes_in(tmp_path / "store")
         push = subprocess.Popen(
             ["dvc", "push", "-r", "team"],
             cwd=first,
@@ -176,7 +194,12 @@ def test_dvc_push_and_pull_through_the_store_and_a_store_killed_mid_push(tmp_pat
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1.5)
+        # Killed once the big file's first part has landed, and not before.
+        deadline = time.monotonic() + 300
+        while megabytes_in(tmp_path / "store") < stored + LANDED_MEGABYTES:
+            assert push.poll() is None, "the push ended before the store could be killed"
+            assert time.monotonic() < deadline, "nothing of the big file landed in 300 s"
+            time.sleep(0.02)
         assert push.poll() is None, "the push ended before the store could be killed"
         os.kill(weed_of(process), signal.SIGKILL)
         started = time.monotonic()
