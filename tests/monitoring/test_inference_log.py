@@ -20,9 +20,11 @@ from mnist_mlops.monitoring.log_files import (
     all_log_files,
     load,
     log_files,
+    mark_written,
     read_feedback,
     read_rows,
     remove_expired,
+    written_past,
 )
 from mnist_mlops.monitoring.log_store import FolderStore
 
@@ -227,3 +229,32 @@ def test_feedback_saved_twice_at_once_keeps_both(tmp_path):
         save_feedback(tmp_path, [(f"request-{number}", 0, number % 10)])
     truth = read_feedback(tmp_path)
     assert len(truth) == 20 and truth[("request-7", 0)] == 7
+
+
+def test_a_writer_marks_how_far_it_has_written_and_silent_writers_are_not_waited_for(tmp_path):
+    settings = LogSettings(tmp_path, flush_seconds=0.05)
+    log = InferenceLog(settings, "mnist-classifier", "3")
+    asked = time.time()
+    assert log.submit_rows("request-1", images(2), answers_for(images(2)))
+    deadline = time.monotonic() + 60
+    while not written_past(tmp_path, asked, silent_seconds=60):
+        assert time.monotonic() < deadline, "the writer marked nothing past the request in 60 s"
+        time.sleep(0.05)
+    # Past its mark, what the writer held is in the log.
+    assert read_rows(tmp_path)["request_id"].tolist() == ["request-1", "request-1"]
+    log.close()
+    (mark,) = tmp_path.glob("written-*")
+    assert mark.stat().st_mode & 0o777 == 0o600 and float(mark.read_text()) >= asked
+
+    later = time.time() + 1
+    assert not written_past(tmp_path, later, silent_seconds=60)  # it has not written that far
+    os.utime(mark, (later - 61, later - 61))
+    assert written_past(tmp_path, later, silent_seconds=60) is False  # silent, but no other mark
+    mark_written(tmp_path, "other", later + 0.5)
+    assert written_past(tmp_path, later, silent_seconds=60)  # the silent writer is not waited for
+    (tmp_path / "written-broken").write_text("not a time")
+    assert not written_past(tmp_path, later, silent_seconds=60)
+    # Marks go with the retention, as the log's files do.
+    os.utime(tmp_path / "written-broken", (0, 0))
+    assert remove_expired(tmp_path, retention_hours=1) == 1
+    assert {path.name for path in tmp_path.glob("written-*")} == {mark.name, "written-other"}

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mnist_mlops.monitoring.features import image_features
 from mnist_mlops.monitoring.inference_log import REQUEST_ID
 from mnist_mlops.monitoring.log_files import log_files, read_feedback, read_rows
+from mnist_mlops.serving.exchange import new_request_id
 
 from ..conftest import free_port, listeners_of, run, serving, subprocess_env, train_champion
 
@@ -191,6 +192,15 @@ def test_feedback_by_endpoint_joins_to_the_logged_rows(store, replicas):
         time.sleep(0.2)
     truth = read_feedback(log_dir)
     assert truth[(request_id, 0)] == 3 and truth[(request_id, 1)] == 7
+
+    # An id as a server issues them that none answered: refused once every writer has marked
+    # that it wrote what it held when the feedback came, not after the whole wait for a replica.
+    unknown = new_request_id()
+    status, answer, _ = call(url_b, "/feedback", {"request_id": unknown, "digits": [1]})
+    assert status == 404 and "every writer has written what it held" in answer["message"], answer
+    marks = {path.name.removeprefix("written-") for path in log_dir.glob("written-*")}
+    writers = {path.name.split("-")[1] for path in log_files(log_dir, "rows")}
+    assert len(marks) == 2 and writers <= marks, (marks, writers)  # one per server process
 
     refusals = [
         ({"request_id": "never-seen", "digits": [1]}, 404, "no request 'never-seen'"),

@@ -12,7 +12,8 @@ every file it writes appears complete under its final name or not at all
   log_files.with_features); the served model's name and version once per file;
 - `feedback-WRITER-SEQ.npz`: true digits, by request id and position;
 - `rows-WRITER-FIRST-LAST.npz` (and `feedback-…`): a writer's parts merged
-  into one segment once they reach `segment_bytes` or `segment_seconds`.
+  into one segment once they reach `segment_bytes` or `segment_seconds`;
+- `written-WRITER`, in a folder: how far the writer has written (log_files.py).
 
 A reader takes a merged segment instead of the parts it covers, so a writer
 killed between writing a segment and removing its parts duplicates nothing.
@@ -43,6 +44,7 @@ from mnist_mlops.monitoring.features import image_features
 from mnist_mlops.monitoring.log_files import (
     FEEDBACK,
     ROWS,
+    mark_written,
     merge_parts,
     remove_expired,
     save_feedback,
@@ -113,10 +115,8 @@ class InferenceLog:
         self.model_name, self.model_version = model_name, model_version
         self.on_written, self.on_dropped = on_written, on_dropped
         self.writer = writer_id()
-        # A deque, not a queue.Queue: appending takes no lock and wakes no
-        # thread, and the writer drains it once per flush interval. Each
-        # wake-up of the writer per request cost the server 7 % of its
-        # throughput with 8 clients.
+        # A deque, not a queue.Queue: appending takes no lock and wakes no thread (a wake-up
+        # per request cost 7 % of the throughput with 8 clients); drained once per flush.
         self._pending: collections.deque = collections.deque()
         self._stop = threading.Event()
         self._sequence = {ROWS: 0, FEEDBACK: 0}
@@ -155,9 +155,8 @@ class InferenceLog:
         if self.settings.sample_rate < 1 and random.random() >= self.settings.sample_rate:
             return False
         version = self.model_version if version is None else version
-        # Only arrays, strings and numbers wait for the writer, never the answers'
-        # dicts and lists: the collector cannot untrack those, and a second of
-        # them aging through its generations made every request slower.
+        # Only arrays, strings and numbers wait for the writer, never the answers' dicts and
+        # lists: the collector cannot untrack those, and aging made every request slower.
         probabilities = np.array([answer["probabilities"] for answer in answers], np.float32)
         item = (ROWS, request_id, time.time(), images, probabilities, version, client_request_id)
         return self._put(item, len(images))
@@ -185,13 +184,18 @@ class InferenceLog:
         stopping = False
         while not stopping:
             stopping = self._stop.wait(self.settings.flush_seconds)
-            batch = []
+            batch, taken = [], time.time()
             while self._pending:
                 batch.append(self._pending.popleft())
             self._write(batch)
             if self._shipper is not None:
                 self._shipper.wake()
-            elif time.monotonic() - self._last_housekeeping >= self.tidy_interval:
+                continue
+            try:
+                mark_written(self.settings.directory, self.writer, taken)
+            except OSError as error:
+                self._warn(f"cannot mark how far the inference log is written: {error}")
+            if time.monotonic() - self._last_housekeeping >= self.tidy_interval:
                 self._last_housekeeping = time.monotonic()
                 self._tidy()
 
@@ -220,10 +224,8 @@ class InferenceLog:
                 self._warn(f"cannot write feedback to the inference log: {error}; it is dropped")
 
     def _rows_arrays(self, rows: list[tuple], version: str) -> dict[str, np.ndarray]:
-        # Whole arrays, not a small one per request: a busy server logs thousands a second.
-        # One float array, rounded and clipped in place: each fresh array of a
-        # second's images is megabytes of new pages, and those faults cost more
-        # than the arithmetic.
+        # Whole arrays, not one per request; one float array rounded and clipped in place:
+        # each fresh array of a second's images is megabytes of new pages, costlier than math.
         images = np.concatenate([item[3] for item in rows], dtype=np.float32)
         np.rint(images, out=images)
         np.clip(images, 0, 255, out=images)

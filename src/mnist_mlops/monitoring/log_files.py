@@ -98,13 +98,47 @@ def concatenate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def remove_expired(where: Where, retention_hours: float) -> int:
-    """Remove log files older than the retention; return how many went."""
+    """Remove log files (and writers' marks) older than the retention; return how many went."""
     store = store_of(where)
     cutoff = time.time() - retention_hours * 3600
-    expired = [file for file, _match in all_log_files(store) if file.mtime < cutoff]
+    expired = [
+        file
+        for file in store.files()
+        if (FILE_NAME.match(file.name) or file.name.startswith(MARK)) and file.mtime < cutoff
+    ]
     for file in expired:
         store.remove(file.name)
     return len(expired)
+
+
+# How far each writer of a log in a folder has written. After every flush a
+# writer renames `written-WRITER` into place: the time it took its queue. A
+# request's rows are queued before its answer leaves, so a request answered
+# before a moment is in the log once every writer's mark is past it; a writer
+# whose mark stopped well before it (stopped or killed) wrote all it ever
+# will. A log on an object store has no marks: its files reach the store
+# later than they are written.
+MARK = "written-"
+
+
+def mark_written(folder: Path, writer: str, taken: float) -> None:
+    FolderStore(folder).write(f"{MARK}{writer}", f"{taken:.6f}".encode())
+
+
+def written_past(folder: Path, moment: float, silent_seconds: float) -> bool:
+    """True when every writer of the folder still writing has written what it had at `moment`."""
+    marks = 0
+    for file in FolderStore(folder).files():
+        if not file.name.startswith(MARK) or file.mtime < moment - silent_seconds:
+            continue
+        try:
+            taken = float(file.read())
+        except (OSError, ValueError):
+            return False
+        if taken < moment:
+            return False
+        marks += 1
+    return marks > 0
 
 
 def merge_parts(where: Where, writer: str, kind: str, segment_bytes: int, seconds: float) -> None:

@@ -5,7 +5,10 @@ image of that request, in order. A request this process answered is known
 before its answer left; one that another replica answered is found in the
 inference log once that replica has written it (within its flush interval):
 the server's ids say when they were issued, so feedback for a request
-answered a moment ago waits for it rather than being refused.
+answered a moment ago waits for it rather than being refused. With the log
+in a folder, the wait ends as soon as every writer has marked that it wrote
+what it held when the feedback arrived (log_files.py): an id that no writer
+logged (unknown, or sampled out) is refused then, not after the whole wait.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from mnist_mlops.monitoring.inference_log import REQUEST_ID
+from mnist_mlops.monitoring.log_files import written_past
 from mnist_mlops.serving.exchange import error_body, issued_at, read_body
 from mnist_mlops.serving.proxy import MAX_FEEDBACK_BYTES
 
@@ -114,14 +118,19 @@ class FeedbackDesk:
         if problem:
             return 400, error_body("INVALID_PARAMETER_VALUE", problem)
         request_id, digits = feedback["request_id"], feedback["digits"]
-        images = self._recent.get(request_id)
+        images, settled = self._recent.get(request_id), True
         if images is None:
-            images = await self._logged_images(request_id)
+            images, settled = await self._logged_images(request_id)
         if images is None:
+            why = (
+                "every writer has written what it held when this feedback came"
+                if settled
+                else "or logged less than a second ago: try again"
+            )
             return 404, error_body(
                 "RESOURCE_DOES_NOT_EXIST",
                 f"no request {request_id!r} in the inference log (unknown, sampled out, "
-                "expired, or logged less than a second ago: try again)",
+                f"expired; {why})",
             )
         if len(digits) != images:
             return 400, error_body(
@@ -137,23 +146,30 @@ class FeedbackDesk:
             )
         return 200, {"request_id": request_id, "recorded": len(digits), "duplicate": False}
 
-    async def _logged_images(self, request_id: str) -> int | None:
-        """The images of a request another process answered, read from the log.
+    async def _logged_images(self, request_id: str) -> tuple[int | None, bool]:
+        """(images, settled) of a request another process answered, read from the log.
 
-        The log holds a request about `flush_seconds` after it was answered,
+        `settled`: every writer had marked that it wrote what it held when the
+        feedback came, so a request not found is not there. The log holds a request about `flush_seconds` after it was answered,
         and the id says when that was: feedback for a request answered a
         moment ago by another replica waits until its rows are written
         rather than being refused.
         """
-        issued = issued_at(request_id)
-        now = time.time()
-        deadline = now
-        if issued is not None and issued <= now:
-            deadline = issued + self.log.settings.flush_seconds + LOGGED_WITHIN_SECONDS
+        settings = self.log.settings
+        issued, arrived = issued_at(request_id), time.time()
+        deadline = arrived
+        if issued is not None and issued <= arrived:
+            deadline = issued + settings.flush_seconds + LOGGED_WITHIN_SECONDS
+        # A writer that marked nothing for this long before the feedback came wrote all it will.
+        silent = 2 * settings.flush_seconds + LOGGED_WITHIN_SECONDS
         while True:
             images = await asyncio.to_thread(self._look_up, request_id)
             if images is not None or time.time() >= deadline:
-                return images
+                return images, False
+            if not settings.remote and await asyncio.to_thread(
+                written_past, settings.directory, arrived, silent
+            ):
+                return await asyncio.to_thread(self._look_up, request_id), True  # a last look
             await asyncio.sleep(0.1)
 
     def _look_up(self, request_id: str) -> int | None:
