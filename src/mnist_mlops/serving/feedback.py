@@ -150,10 +150,10 @@ class FeedbackDesk:
         """(images, settled) of a request another process answered, read from the log.
 
         `settled`: every writer had marked that it wrote what it held when the
-        feedback came, so a request not found is not there. The log holds a request about `flush_seconds` after it was answered,
-        and the id says when that was: feedback for a request answered a
-        moment ago by another replica waits until its rows are written
-        rather than being refused.
+        feedback came, so a request not found is not there. The log holds a
+        request about `flush_seconds` after it was answered, and the id says
+        when that was: feedback for a request answered a moment ago by another
+        replica waits until its rows are written rather than being refused.
         """
         settings = self.log.settings
         issued, arrived = issued_at(request_id), time.time()
