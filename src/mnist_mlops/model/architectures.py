@@ -67,39 +67,45 @@ def import_keras():
         return sys.modules["keras"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TensorFlow turns its oneDNN kernels on by itself only on CPUs with
-    # AVX-512 VNNI or AMX. Elsewhere (AVX2) they halve a convnet's CPU time and
-    # cut the mlp's by a third, and make a fit's weights the same on any
-    # number of threads. TF_ENABLE_ONEDNN_OPTS=0 keeps TensorFlow's own.
+    # AVX-512 VNNI or AMX. Elsewhere (AVX2) they halve the cnn_fast convnet's
+    # CPU time, and a seeded fit of either preset ends with the same weights on
+    # 1 thread and on 2 (docs/pipeline.md). TF_ENABLE_ONEDNN_OPTS=0 keeps
+    # TensorFlow's own.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    with _without_native_noise():
-        if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-            import keras
+    on_tensorflow = os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
+    with _without_native_noise(), _without(*UNUSED_OPTIONS, *(["jax"] if on_tensorflow else [])):
+        import keras
 
-            return keras
-        with _without_jax():
-            import keras
+        if on_tensorflow:
             import tensorflow as tf
-        tf.config.list_physical_devices()
+
+            tf.config.list_physical_devices()
     return keras
 
 
-@contextmanager
-def _without_jax() -> Iterator[None]:
-    """Import TensorFlow without JAX, which its converters load as an option.
+# What Keras loads wherever it is installed and a training process never uses:
+# its scikit-learn wrappers (0.7 CPU-seconds) and its image gallery's pyplot (0.5).
+UNUSED_OPTIONS = ("sklearn", "matplotlib")
 
-    Where JAX is installed (`make install-jax`), that cost 0.7 CPU-seconds in
-    every training process. None in sys.modules makes `import jax` an
-    ImportError, which they expect; JAX imports as usual afterwards.
+
+@contextmanager
+def _without(*optional: str) -> Iterator[None]:
+    """Import TensorFlow and Keras without packages they load only as an option.
+
+    TensorFlow's converters load JAX wherever it is installed (`make
+    install-jax`: 0.7 CPU-seconds in every training process), Keras
+    UNUSED_OPTIONS. None in sys.modules makes their import an ImportError,
+    which they expect; each imports as usual afterwards.
     """
-    if "jax" in sys.modules:
-        yield
-        return
-    sys.modules["jax"] = None
+    kept_out = [name for name in optional if name not in sys.modules]
+    for name in kept_out:
+        sys.modules[name] = None
     try:
         yield
     finally:
-        if sys.modules.get("jax", 0) is None:
-            del sys.modules["jax"]
+        for name in kept_out:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 def set_random_seed(seed: int) -> None:
