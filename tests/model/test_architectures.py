@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from ..conftest import subprocess_env
 
 # A seeded fit of the seed's network, in a fresh process: which kernels, which weights.
@@ -64,3 +67,32 @@ def test_the_seed_s_fit_uses_onednn_and_ends_with_the_same_weights_on_1_and_2_th
     # The user's setting stands, and reaches TensorFlow: its own kernels round otherwise.
     assert own["onednn"] == "0"
     assert own["weights"] != one["weights"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_many_steps_a_call_train_the_same_weights_as_one(name):
+    """STEPS_PER_EXECUTION changes how often Python runs, not what is computed."""
+    from mnist_mlops.model.architectures import (
+        MODELS,
+        STEPS_PER_EXECUTION,
+        Adam,
+        build_model,
+        import_keras,
+        set_random_seed,
+    )
+
+    import_keras()
+    model = MODELS[name]() if name == "mlp" else MODELS[name](filters=[4, 8], dense_units=16)
+    random = np.random.default_rng(0)
+    # 11 steps and a short one: fewer than a call's 32, so the last call runs short.
+    images = random.integers(0, 256, (1400, 28, 28), dtype=np.uint8)
+    labels = random.integers(0, 10, 1400)
+    weights = {}
+    for steps in (1, STEPS_PER_EXECUTION):
+        set_random_seed(7)
+        network = build_model(model, Adam(), steps_per_execution=steps)
+        history = network.fit(images, labels, batch_size=128, epochs=2, verbose=0)
+        weights[steps] = (network.get_weights(), history.history["loss"])
+    (one, one_loss), (many, many_loss) = weights[1], weights[STEPS_PER_EXECUTION]
+    assert STEPS_PER_EXECUTION > 1 and one_loss == many_loss
+    assert all(np.array_equal(a, b) for a, b in zip(one, many, strict=True))

