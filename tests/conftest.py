@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 from mnist_mlops.config import Config, validate
 from mnist_mlops.pipeline.fetch import IDX_FILES, NPZ_FILE
+from mnist_mlops.processes import collect_less
 
 from .cpu_time import (  # noqa: F401  (hooks: what each test costs in CPU, --cpu-top)
     pytest_addoption,
@@ -56,6 +57,9 @@ for _threads in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
 # server here). The tests of the workers themselves pass --workers; the tour runs
 # the README's `serve` as a user's shell does, a worker per core.
 os.environ.setdefault("MNIST_SERVE_WORKERS", "1")
+# The suite's own processes collect garbage as the commands do (processes.py): they
+# import TensorFlow and MLflow and fit, too.
+collect_less()
 ALL_CORES = {"TF_NUM_INTRAOP_THREADS": "0", "TF_NUM_INTEROP_THREADS": "0"}
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

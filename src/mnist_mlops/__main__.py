@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from mnist_mlops.processes import collect_less
+
 # The order of `mnist-mlops --help`: the lifecycle, from data to the team's server.
 WINGS = ("pipeline", "tracking", "serving", "batch", "monitoring", "tuning", "team")
 
@@ -51,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    collect_less()
     arguments = parser().parse_args(argv)
     return arguments.run(arguments)
 

@@ -1,13 +1,27 @@
 """Helpers for the servers the commands run in the foreground (nginx, Prometheus, Alertmanager,
-Spark's master and worker, the model server's workers)."""
+Spark's master and worker, the model server's workers), and for the commands' own processes."""
 
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import socket
 import subprocess
 import time
+
+# The garbage collector's first threshold: Python collects after 700 new container
+# objects. A command imports TensorFlow, Keras or MLflow, hundreds of thousands of
+# objects that live as long as the process, and the collector went through them
+# again and again: 17 % of a tiny training stage's CPU (10.1 CPU-seconds against
+# 8.3), 10 % of an evaluation's. At 10,000 it runs a fourteenth as often, and
+# every cycle of garbage is still found.
+COLLECT_AFTER = 10_000
+
+
+def collect_less() -> None:
+    """At a command's start: the collector's first threshold at COLLECT_AFTER."""
+    gc.set_threshold(COLLECT_AFTER, *gc.get_threshold()[1:])
 
 
 def stop_with_parent() -> None:

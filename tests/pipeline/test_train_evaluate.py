@@ -251,6 +251,37 @@ def test_hydra_app_rejects_a_bad_override_in_one_line(workdir):
     assert os.listdir(workdir) == ["conf"] or "mlflow.db" not in os.listdir(workdir)
 
 
+# A command's process after its start: the collector's threshold, and whether a
+# cycle of garbage made after it is still collected once enough objects are made.
+COLLECTOR = """
+import gc, json, weakref
+from mnist_mlops.__main__ import main
+from mnist_mlops.processes import COLLECT_AFTER
+
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+class Node:
+    pass
+node = Node()
+node.cycle = node
+alive = weakref.ref(node)
+del node
+kept = [[] for _ in range(2 * COLLECT_AFTER)]
+print(json.dumps({"threshold": gc.get_threshold()[0], "cycle_left": alive() is not None}))
+"""
+
+
+def test_a_command_collects_garbage_less_often_and_still_collects_every_cycle():
+    from mnist_mlops.processes import COLLECT_AFTER
+
+    result = run([sys.executable, "-c", COLLECTOR], REPO_ROOT, subprocess_env())
+    state = json.loads(result.stdout.splitlines()[-1])
+    assert state == {"threshold": COLLECT_AFTER, "cycle_left": False}
+    assert COLLECT_AFTER > 700  # Python's own
+
+
 def test_compose_config_applies_overrides():
     assert compose_config("train.epochs=3")["train"]["epochs"] == 3
 

@@ -281,4 +281,7 @@ def _hydra_app() -> None:
 
 
 if __name__ == "__main__":
+    from mnist_mlops.processes import collect_less
+
+    collect_less()
     _hydra_app()

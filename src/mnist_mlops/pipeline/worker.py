@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mnist_mlops.config import load_params
     from mnist_mlops.pipeline.preprocess import DataError
+    from mnist_mlops.processes import collect_less
 
+    collect_less()
     parser = argparse.ArgumentParser(prog="mnist-mlops train-worker")
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--process-id", type=int, required=True)
