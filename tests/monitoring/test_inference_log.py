@@ -258,3 +258,19 @@ def test_a_writer_marks_how_far_it_has_written_and_silent_writers_are_not_waited
     os.utime(tmp_path / "written-broken", (0, 0))
     assert remove_expired(tmp_path, retention_hours=1) == 1
     assert {path.name for path in tmp_path.glob("written-*")} == {mark.name, "written-other"}
+
+
+def test_a_writer_is_known_by_its_mark_before_its_first_request(tmp_path):
+    """Another process's feedback must wait for a writer that has not flushed yet."""
+    mark_written(tmp_path, "flushing", time.time() + 3600)  # a writer far ahead
+    settings = LogSettings(tmp_path, flush_seconds=3600)  # this one never flushes here
+    before = time.time()
+    log = InferenceLog(settings, "mnist-classifier", "3")
+    assert log.submit_rows("request-1", images(1), answers_for(images(1)))
+    asked = time.time()
+    (mark,) = [path for path in tmp_path.glob("written-*") if path.name != "written-flushing"]
+    assert before <= float(mark.read_text()) <= asked
+    assert not written_past(tmp_path, asked, silent_seconds=7200)  # the new writer holds rows
+    log.close()
+    assert written_past(tmp_path, asked, silent_seconds=7200)
+    assert read_rows(tmp_path)["request_id"].tolist() == ["request-1"]

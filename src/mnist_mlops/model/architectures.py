@@ -11,6 +11,7 @@ config never waits for TensorFlow.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -80,7 +81,18 @@ def import_keras():
             import tensorflow as tf
 
             tf.config.list_physical_devices()
+            logging.getLogger("tensorflow").addFilter(_not_about_retracing)
     return keras
+
+
+def _not_about_retracing(record: logging.LogRecord) -> bool:
+    """TensorFlow warns when 5 of the last 10 calls of its functions traced one.
+
+    A study's worker builds a new network for every trial, each traced anew;
+    with STEPS_PER_EXECUTION the warning came from the third network on, though
+    a fit traces no more as it goes (50 epochs cost the same CPU either way).
+    """
+    return "triggered tf.function retracing" not in record.getMessage()
 
 
 # What Keras loads wherever it is installed and a training process never uses:

@@ -1,33 +1,30 @@
 """The inference log: what the served model was asked, what it answered, and the true digits later.
 
-One folder holds it, shared by every server process that writes into it.
-Each process is a writer with an id of its own (host, pid, start time), and
-every file it writes appears complete under its final name or not at all
-(written under a temporary name, then renamed):
+One folder holds it, shared by every server process that writes into it. Each process is a
+writer with an id of its own (host, pid, start time), and every file it writes appears complete
+under its final name or not at all (written under a temporary name, then renamed):
 
-- `rows-WRITER-SEQ.npz`: the images scored in one flush interval (≤ 1 s by
-  default): request id, position in the request, time, predicted digit, the
-  ten probabilities, and the image's raw 28×28 uint8 pixels, or, with pixels
-  turned off, only its features (the reader computes them from the pixels:
-  log_files.with_features); the served model's name and version once per file;
+- `rows-WRITER-SEQ.npz`: the images scored in one flush interval (≤ 1 s by default): request id,
+  position in the request, time, predicted digit, the ten probabilities, and the image's raw
+  28×28 uint8 pixels, or, with pixels turned off, only its features (the reader computes them
+  from the pixels: log_files.with_features); the served model's name and version once per file;
 - `feedback-WRITER-SEQ.npz`: true digits, by request id and position;
 - `rows-WRITER-FIRST-LAST.npz` (and `feedback-…`): a writer's parts merged
   into one segment once they reach `segment_bytes` or `segment_seconds`;
 - `written-WRITER`, in a folder: how far the writer has written (log_files.py).
 
-A reader takes a merged segment instead of the parts it covers, so a writer
-killed between writing a segment and removing its parts duplicates nothing.
-With the log on an object store (`s3://…`), files are written to a local
-spool first and shipped from there by a thread of their own (spool.py).
-Files older than `retention_hours` are removed by whichever writer looks.
-The request path only enqueues (`submit_rows`, `submit_feedback`); a
-thread writes. A full queue or a disk that refuses drops rows and counts
-them, and the request still succeeds.
+A reader takes a merged segment instead of the parts it covers, so a writer killed between
+writing a segment and removing its parts duplicates nothing. With the log on an object store
+(`s3://…`), files are written to a local spool first and shipped from there by a thread of their
+own (spool.py). Files older than `retention_hours` are removed by whichever writer looks. The
+request path only enqueues (`submit_rows`, `submit_feedback`); a thread writes. A full queue or
+a disk that refuses drops rows and counts them, and the request still succeeds.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import re
 import sys
@@ -121,7 +118,7 @@ class InferenceLog:
         self._stop = threading.Event()
         self._sequence = {ROWS: 0, FEEDBACK: 0}
         self._last_warning = 0.0
-        self._last_housekeeping = 0.0
+        self._last_housekeeping, self._tidy_every = 0.0, min(60, settings.flush_seconds * 10)
         self._shipper = None
         if settings.remote:
             # Opened here, so that missing keys or a bad URL stop the server at its start.
@@ -132,6 +129,9 @@ class InferenceLog:
                 self._warn,
                 counted=(on_shipped, on_ship_failed),
             )
+        else:  # Before any request: feedback waits only for writers it knows by their marks.
+            with contextlib.suppress(OSError):  # a folder that refuses: the first flush says so
+                mark_written(settings.directory, self.writer, time.time())
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
         self._thread.start()
 
@@ -191,17 +191,16 @@ class InferenceLog:
             if self._shipper is not None:
                 self._shipper.wake()
                 continue
-            try:
-                mark_written(self.settings.directory, self.writer, taken)
-            except OSError as error:
-                self._warn(f"cannot mark how far the inference log is written: {error}")
-            if time.monotonic() - self._last_housekeeping >= self.tidy_interval:
+            self._mark(taken)
+            if time.monotonic() - self._last_housekeeping >= self._tidy_every:
                 self._last_housekeeping = time.monotonic()
                 self._tidy()
 
-    @property
-    def tidy_interval(self) -> float:
-        return min(60, self.settings.flush_seconds * 10)
+    def _mark(self, taken: float) -> None:
+        try:
+            mark_written(self.settings.directory, self.writer, taken)
+        except OSError as error:
+            self._warn(f"cannot mark how far the inference log is written: {error}")
 
     def _write(self, batch: list[tuple]) -> None:
         # One file per model version: a file names the version that answered its rows.
