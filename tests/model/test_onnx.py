@@ -2,6 +2,7 @@
 
 import json
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -26,6 +27,7 @@ from mnist_mlops.tracking.store import tracking_uri
 from ..conftest import compose_config, run, subprocess_env, tiny_overrides
 
 CHAMPION_URI = "models:/mnist-classifier@champion"
+_ONNX_NAMES = ("mlflow-skinny", "onnxruntime", "numpy", "pandas")
 
 
 def configured(mirror, *overrides):
@@ -47,9 +49,15 @@ def the_run():
 
 
 @pytest.mark.parametrize("architecture", ["mlp", "cnn"])
-def test_train_exports_an_onnx_model_that_predicts_like_keras(prepared, architecture):
+def test_train_exports_an_onnx_model_that_predicts_like_keras(prepared, architecture, monkeypatch):
+    from mlflow.utils import requirements_utils
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
     config = configured(prepared, f"model={architecture}")
     train(config)
+    # Both models' pins are the installed versions: MLflow did not scan every installed
+    # package to check them (for the classifier, see the test of evaluate below).
+    assert requirements_utils._MODULES_TO_PACKAGES is None
 
     _client, logged = the_run()
     difference = logged.data.metrics["onnx_max_probability_difference"]
@@ -66,6 +74,10 @@ def test_train_exports_an_onnx_model_that_predicts_like_keras(prepared, architec
     # The same export is logged with MLflow's ONNX flavor in the training run.
     info = mlflow.models.get_model_info(f"runs:/{logged.info.run_id}/onnx_model")
     assert "onnx" in info.flavors
+    pinned = f"runs:/{logged.info.run_id}/onnx_model/requirements.txt"
+    pinned = Path(mlflow.artifacts.download_artifacts(pinned))
+    pins = dict(line.split("==") for line in pinned.read_text().split())
+    assert pins == {name: metadata.version(name) for name in (*_ONNX_NAMES, "onnx")}
     assert info.signature.inputs.inputs[0].shape == (-1, 28, 28)
     logged_onnx = mlflow.pyfunc.load_model(f"runs:/{logged.info.run_id}/onnx_model")
     (outputs,) = logged_onnx.predict(images[:5].astype(np.float32)).values()
@@ -119,12 +131,16 @@ import json, sys
 import numpy as np
 {body}
 loaded = sorted(name for name in ("tensorflow", "keras", "tf2onnx") if name in sys.modules)
-print(json.dumps({{"loaded": loaded, "result": result}}))
+# Whether MLflow scanned every installed package (to check a model's requirements).
+requirements = sys.modules.get("mlflow.utils.requirements_utils")
+scanned = getattr(requirements, "_MODULES_TO_PACKAGES", None) is not None
+print(json.dumps({{"loaded": loaded, "scanned": scanned, "result": result}}))
 """
 
 
 def probe(body: str, cwd: Path, **env) -> dict:
-    """Run `body` in a fresh interpreter; report its `result` and the heavy modules it imported."""
+    """Run `body` in a fresh interpreter; report its `result`, the heavy modules it imported
+    and whether MLflow scanned the installed packages."""
     code = PROBE.format(body=body)
     output = run([sys.executable, "-c", code], cwd, subprocess_env(**env)).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -136,7 +152,9 @@ def test_evaluate_and_the_registered_model_never_import_tensorflow(prepared, wor
     train(config)
 
     evaluated = probe("from mnist_mlops.__main__ import main\nresult = main(['evaluate'])", workdir)
-    assert evaluated == {"loaded": [], "result": 0}
+    # Its pinned requirements are the installed versions: logging the classifier does
+    # not scan every installed package to check them.
+    assert evaluated == {"loaded": [], "scanned": False, "result": 0}
     metrics = json.loads(Path("reports/metrics.json").read_text())
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -148,7 +166,8 @@ def test_evaluate_and_the_registered_model_never_import_tensorflow(prepared, wor
         workdir,
         MLFLOW_TRACKING_URI=uri,
     )
-    assert served["loaded"] == []
+    # Loading a model still checks its requirements against this environment.
+    assert served["loaded"] == [] and served["scanned"]
     _images, labels = load_split("test")
     accuracy = float(np.mean(np.asarray(served["result"]) == labels))
     assert accuracy == pytest.approx(metrics["test_accuracy"])
@@ -158,8 +177,8 @@ def test_evaluate_and_the_registered_model_never_import_tensorflow(prepared, wor
     version, requirements = the_champion()
     assert version.tags["serving.runtime"] == "onnx"
     assert "ONNX Runtime" in version.description
-    names = {line.split("==")[0] for line in requirements.split()}
-    assert names == {"mlflow-skinny", "onnxruntime", "numpy", "pandas"}
+    pins = dict(line.split("==") for line in requirements.split())
+    assert pins == {name: metadata.version(name) for name in _ONNX_NAMES}
     table = render(rows("mnist", "mnist-classifier", 10))
     assert table.splitlines()[0].split().count("runtime") == 1
     assert " onnx " in table.splitlines()[1]

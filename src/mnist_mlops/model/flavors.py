@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,18 +41,32 @@ _KERAS_REQUIREMENTS = ("mlflow", "tensorflow", "keras")
 _ONNX_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas")
 
 
-def warm_requirements() -> None:
-    """Map installed packages to their modules now, on a thread of the caller's choosing.
+@contextmanager
+def _pinned_requirements_trusted() -> Iterator[None]:
+    """Within the block, MLflow logs a model without checking its requirements again.
 
-    Logging a model checks its requirements against the environment, and the
-    first check reads every installed package's file list (a second and
-    more); done beside other work, the log itself no longer waits for it.
+    MLflow checks a model's pip requirements against the installed packages
+    when it saves the model and again when it loads it back to validate the
+    input example, and its first check maps every installed package to its
+    modules: 0.8 CPU-seconds here, in every process that logs a model. The
+    project's requirements come from `pinned`, which reads them from the
+    installed packages themselves, so they match by construction. Loading a
+    model elsewhere still checks (`mlflow.pyfunc.load_model` in `serve`):
+    there the environment may differ from the one that saved it.
     """
+    import mlflow.pyfunc
+    from mlflow.utils import environment
+
+    name = "warn_dependency_requirement_mismatches"
+    checking = [module for module in (environment, mlflow.pyfunc) if hasattr(module, name)]
+    checks = [getattr(module, name) for module in checking]
+    for module in checking:  # another MLflow may check elsewhere, as it likes
+        setattr(module, name, lambda requirements: None)
     try:
-        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
-    except ImportError:  # another MLflow: the check simply runs when the model is logged
-        return
-    _init_packages_to_modules_map()
+        yield
+    finally:
+        for module, check in zip(checking, checks, strict=True):
+            setattr(module, name, check)
 
 
 def pinned(names: tuple[str, ...]) -> list[str]:
@@ -89,7 +105,8 @@ def _into_the_run(name: str, save) -> str:
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = os.path.join(scratch, name)
-        save(folder)
+        with _pinned_requirements_trusted():
+            save(folder)
         mlflow.log_artifacts(folder, name)
     return f"runs:/{mlflow.active_run().info.run_id}/{name}"
 
@@ -164,20 +181,21 @@ def log_classifier(
                 images=known_digits[0],
                 labels=known_digits[1],
             )
-        return mlflow.pyfunc.log_model(
-            name=CLASSIFIER_ARTIFACT,
-            python_model=classifier.__file__,
-            artifacts={
-                model_artifact: str(model_file),
-                classifier.SETTINGS_ARTIFACT: str(settings_file),
-                **known,
-            },
-            signature=classifier_signature(),
-            input_example=input_example.astype(np.float32),
-            pip_requirements=pinned(requirements),
-            # MLflow copies onto a new model every metric of the run logged at
-            # its step without a model id (the epochs' and the system's at 0).
-            # No metric of the run has this step: the model's metrics are only
-            # those logged with its id (tracking/datasets.py).
-            step=CLASSIFIER_STEP,
-        )
+        with _pinned_requirements_trusted():
+            return mlflow.pyfunc.log_model(
+                name=CLASSIFIER_ARTIFACT,
+                python_model=classifier.__file__,
+                artifacts={
+                    model_artifact: str(model_file),
+                    classifier.SETTINGS_ARTIFACT: str(settings_file),
+                    **known,
+                },
+                signature=classifier_signature(),
+                input_example=input_example.astype(np.float32),
+                pip_requirements=pinned(requirements),
+                # MLflow copies onto a new model every metric of the run logged at
+                # its step without a model id (the epochs' and the system's at 0).
+                # No metric of the run has this step: the model's metrics are only
+                # those logged with its id (tracking/datasets.py).
+                step=CLASSIFIER_STEP,
+            )

@@ -126,7 +126,6 @@ def evaluate(config: Config) -> dict[str, float]:
     # release the GIL): a third of a second less on two cores.
     making = ThreadPoolExecutor(1, "robustness-suite")
     suite_made = making.submit(perturbed, images)
-    making.submit(flavors.warm_requirements)
     making.shutdown(wait=False)
     experiment_id = use_experiment(config.mlflow)
     run_id = json.loads(RUN_FILE.read_text())["run_id"]
