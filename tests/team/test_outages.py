@@ -27,11 +27,11 @@ from ..conftest import (
 
 TINY = (*TINY_DATA, "train.batch_size=32")
 # Long enough for the fit to log through it: a retry a second, more than ten epochs.
-OUTAGE_SECONDS = 12
+OUTAGE_SECONDS = 6
 # Enough epochs of the tiny data for both outages to fall inside the fit: the second
-# starts about 2 outages and a server start after the first epoch (25 to 40 s here),
-# and 600 epochs take about 100 s on an idle machine, 200 under the suite's load.
-EPOCHS = 600
+# ends about 2 outages, a server start and 5 epochs after the first epoch (15 to 30 s
+# here), and 300 epochs take about 50 s on an idle machine, 100 under the suite's load.
+EPOCHS = 300
 
 
 def wait_for(condition, process: subprocess.Popen, log, timeout: float = 120):
