@@ -57,6 +57,11 @@ for _threads in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
 # server here). The tests of the workers themselves pass --workers; the tour runs
 # the README's `serve` as a user's shell does, a worker per core.
 os.environ.setdefault("MNIST_SERVE_WORKERS", "1")
+# Spark's JVMs here live for seconds: the master, worker and driver of a test compile
+# with the quick JIT alone and collect with the serial collector. Measured on the batch
+# tests: the machine's CPU 2.2 minutes instead of 2.6. Spark's own behaviour is unchanged.
+for _java in ("SPARK_SUBMIT_OPTS", "SPARK_DAEMON_JAVA_OPTS"):
+    os.environ.setdefault(_java, "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 # The suite's own processes collect garbage as the commands do (processes.py): they
 # import TensorFlow and MLflow and fit, too.
 collect_less()
