@@ -87,15 +87,14 @@ class RepeatedDeflate:
 
     def __init__(self) -> None:
         self.deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
-        self.deflated: dict[int, bytes] = {}
+        # By the chunk's id, with the chunk kept alive so that no other object takes its id.
+        self.deflated: dict[int, tuple[bytes, bytes]] = {}
 
     def compress(self, data) -> bytes:
-        key = id(data)
-        if key not in self.deflated:
-            self.deflated[key] = self.deflater.compress(data) + self.deflater.flush(
-                zlib.Z_FULL_FLUSH
-            )
-        return self.deflated[key]
+        if id(data) not in self.deflated:
+            deflated = self.deflater.compress(data) + self.deflater.flush(zlib.Z_FULL_FLUSH)
+            self.deflated[id(data)] = (data, deflated)
+        return self.deflated[id(data)][1]
 
     def flush(self) -> bytes:
         return self.deflater.flush()
