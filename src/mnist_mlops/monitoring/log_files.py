@@ -21,6 +21,7 @@ import numpy as np
 
 from mnist_mlops.monitoring.features import image_features
 from mnist_mlops.monitoring.log_store import FolderStore, LogFile, S3Store, store_of
+from mnist_mlops.monitoring.segments import merge_folder_parts
 
 ROWS, FEEDBACK = "rows", "feedback"
 FILE_NAME = re.compile(r"^(rows|feedback)-([A-Za-z0-9_.]+)-(\d{8})(?:-(\d{8}))?\.npz$")
@@ -169,9 +170,11 @@ def merge_parts(where: Where, writer: str, kind: str, segment_bytes: int, second
     age = time.time() - min(file.mtime for _, file in parts)
     if size < segment_bytes and age < seconds:
         return
-    merged = concatenate([load(file) for _, file in parts])
     name = f"{kind}-{writer}-{parts[0][0]:08d}-{parts[-1][0]:08d}.npz"
-    store.write(name, to_bytes(merged))
+    if isinstance(store, FolderStore):
+        merge_folder_parts([file.path for _, file in parts], store.root / name)
+    else:
+        store.write(name, to_bytes(concatenate([load(file) for _, file in parts])))
     for _, file in parts:
         store.remove(file.name)
 
@@ -187,6 +190,16 @@ def save_feedback(where: Where, rows: list[tuple[str, int, int]]) -> str:
     name = f"{FEEDBACK}-{writer_id()}-{1:08d}.npz"
     store_of(where).write(name, to_bytes(arrays))
     return name
+
+
+def feedback_arrays(feedback: list[tuple]) -> dict[str, np.ndarray]:
+    """A feedback file's arrays from the writer's queued (kind, request id, time, digits)."""
+    return {
+        "request_id": np.array([item[1] for item in feedback for _ in item[3]]),
+        "position": np.concatenate([np.arange(len(item[3]), dtype=np.int16) for item in feedback]),
+        "time": np.concatenate([np.full(len(item[3]), item[2]) for item in feedback]),
+        "digit": np.concatenate([np.asarray(item[3], dtype=np.int8) for item in feedback]),
+    }
 
 
 def with_features(part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
