@@ -56,8 +56,7 @@ PEERS = PROJECT / "benchmarks" / "peers"
 PEER_PACKAGES = ("litserve==0.2.19", "bentoml==1.4.40")
 # The project's own pins for what the peers share with it: the same runtime and parser.
 SHARED_PINS = ("onnxruntime", "numpy", "orjson", "uvloop", "httptools")
-# (clients, requests at most, seconds): the loads under many clients run for seconds, long
-# enough for every server's periodic work (the inference log writes once a second) to count.
+# (clients, requests at most, seconds): long enough for periodic work (the log's flush) to count.
 LOADS = {"sequential": (1, 1000, 60), "8 clients": (8, 10**6, 6), "32 clients": (32, 10**6, 6)}
 CORES = len(os.sched_getaffinity(0))
 
@@ -135,12 +134,8 @@ def servers(peers: Path, onnx: Path, scratch: Path) -> dict:
 
 def load(port: int, path: str, body_file: Path, clients: int, requests: int, seconds: float):
     command = [sys.executable, "-m", "benchmarks.loadgen", str(port), path, str(body_file)]
-    done = subprocess.run(
-        [*command, str(clients), str(requests), str(seconds)],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT,
-    )
+    command += [str(clients), str(requests), str(seconds)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT)
     if done.returncode:
         sys.exit(f"the load generator failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout)
