@@ -55,6 +55,7 @@ from mnist_mlops.monitoring.spool import Shipper
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 WARNING_INTERVAL_SECONDS = 60
+FULL = "the inference log's queue is full"
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class InferenceLog:
         # A deque, not a queue.Queue: appending takes no lock and wakes no thread (a wake-up
         # per request cost 7 % of the throughput with 8 clients); drained once per flush.
         self._pending: collections.deque = collections.deque()
+        self._sample_rate, self._queue_requests = settings.sample_rate, settings.queue_requests
         self._stop = threading.Event()
         self._sequence = {ROWS: 0, FEEDBACK: 0}
         self._last_warning = 0.0
@@ -148,33 +150,33 @@ class InferenceLog:
     ) -> bool:
         """Queue one request's images and the model's answers (digit and probabilities each).
 
-        `version` is the model version that answered (a server that follows an
-        alias swaps versions); by default the one the log was opened with.
-        `client_request_id` is the client's own id for the request, if it gave one.
+        `version` answered (a server following an alias swaps them); by default the log's
+        own. `client_request_id` is the client's own id for the request, if it gave one.
         False when the request was sampled out or its rows dropped.
         """
-        if self.settings.sample_rate < 1 and random.random() >= self.settings.sample_rate:
+        if self._sample_rate < 1 and random.random() >= self._sample_rate:
             return False
         version = self.model_version if version is None else version
-        # One flat tuple of arrays, strings and numbers waits for the writer: its fields, then
-        # the probabilities of every image. Never the answers' dicts and lists: the collector
-        # untracks such a tuple at its first pass but never a list, and aging made every
-        # request slower. The tuple costs a tenth of an array of the probabilities.
+        # One flat tuple waits for the writer: its fields, then every image's probabilities.
+        # Never the answers' dicts and lists: the collector untracks such a tuple at its first
+        # pass, never a list, and aging made every request slower.
         if len(answers) == 1:
             probabilities = answers[0]["probabilities"]
         else:
             probabilities = chain.from_iterable(answer["probabilities"] for answer in answers)
-        item = (ROWS, request_id, time.time(), images, version, client_request_id, *probabilities)
-        return self._put(item, len(images))
+        if len(self._pending) >= self._queue_requests:
+            self._dropped(len(images), FULL)
+            return False
+        self._pending.append(
+            (ROWS, request_id, time.time(), images, version, client_request_id, *probabilities)
+        )
+        return True
 
     def submit_feedback(self, request_id: str, digits: list[int]) -> bool:
-        return self._put((FEEDBACK, request_id, time.time(), digits), 0)
-
-    def _put(self, item: tuple, rows: int) -> bool:
-        if len(self._pending) >= self.settings.queue_requests:
-            self._dropped(rows, "the inference log's queue is full")
+        if len(self._pending) >= self._queue_requests:
+            self._dropped(0, FULL)
             return False
-        self._pending.append(item)
+        self._pending.append((FEEDBACK, request_id, time.time(), digits))
         return True
 
     def close(self, timeout: float = 30) -> None:

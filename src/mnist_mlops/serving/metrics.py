@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 # Paths the server answers; any other path is counted as "other", so a
@@ -53,7 +53,7 @@ class Pending:
 
 
 class ServerMetrics:
-    """The server's metrics. A request adds to plain counts in memory; a thread moves them
+    """The server's metrics. A request appends what it adds to a deque; a thread moves that
     into the metrics every FLUSH_SECONDS, and a scrape first: with several workers each
     metric write is a locked write to a shared file, six a request (19 µs of its ~150)."""
 
@@ -160,8 +160,12 @@ class ServerMetrics:
             registry=self.registry,
         )
         self._digits = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
-        self._lock = threading.Lock()
-        self._pending = Pending()
+        # What each request adds waits in two deques (append and popleft are atomic, no lock):
+        # in the server, every object a request touches is out of the cache by the next
+        # request, so one append costs a tenth of a lock and two counts (4.5 µs).
+        self._requests: deque = deque()  # (path, status, seconds)
+        self._answers: deque = deque()  # (digit, top probability), one per image
+        self._flushing_lock = threading.Lock()  # the thread's flush and a scrape's, one at a time
         self._stop = threading.Event()
         threading.Thread(target=self._flushing, name="metrics-flush", daemon=True).start()
 
@@ -181,21 +185,28 @@ class ServerMetrics:
         self._described = described
 
     def request(self, path: str, status: int, seconds: float) -> None:
-        label = path if path in KNOWN_PATHS else "other"
-        with self._lock:
-            self._pending.requests[(label, status)] += 1
-            self._pending.latencies[label].append(seconds)
+        self._requests.append((path, status, seconds))
 
     def answered(self, predictions: list[dict]) -> None:
-        with self._lock:
-            for prediction in predictions:
-                self._pending.digits[prediction["digit"]] += 1
-                self._pending.top_probabilities.append(max(prediction["probabilities"]))
+        for prediction in predictions:
+            self._answers.append((prediction["digit"], max(prediction["probabilities"])))
 
     def flush(self) -> None:
         """Move the counts of the requests answered since the last flush into the metrics."""
-        with self._lock:
-            pending, self._pending = self._pending, Pending()
+        with self._flushing_lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        pending, requests, answers = Pending(), self._requests, self._answers
+        for _ in range(len(requests)):
+            path, status, seconds = requests.popleft()
+            label = path if path in KNOWN_PATHS else "other"
+            pending.requests[(label, status)] += 1
+            pending.latencies[label].append(seconds)
+        for _ in range(len(answers)):
+            digit, top = answers.popleft()
+            pending.digits[digit] += 1
+            pending.top_probabilities.append(top)
         for (label, status), count in pending.requests.items():
             self.requests.labels(path=label, status=str(status)).inc(count)
         for label, seconds in pending.latencies.items():

@@ -1,0 +1,79 @@
+"""What a request leaves behind, in one process: its counts and the memory of its id."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from mnist_mlops.serving import feedback
+from mnist_mlops.serving.feedback import FeedbackDesk
+from mnist_mlops.serving.metrics import ServedModel, ServerMetrics
+
+THREADS, REQUESTS = 4, 5_000
+
+
+def samples(metrics: ServerMetrics) -> dict[tuple[str, tuple], float]:
+    body, _ = metrics.exposition()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def test_counts_added_while_the_flush_thread_and_scrapes_run_are_each_counted_once(monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = ServerMetrics(ServedModel("models:/mnist@champion", "mnist", "3", "run", "onnx"))
+    done = threading.Event()
+
+    def scraping() -> None:
+        while not done.is_set():
+            metrics.exposition()
+
+    def serving(thread: int) -> None:
+        for number in range(REQUESTS):
+            digit = (thread + number) % 10
+            probabilities = [0.01] * 10
+            probabilities[digit] = 0.91
+            metrics.answered([{"digit": digit, "probabilities": probabilities}])
+            metrics.request("/invocations" if number % 5 else "/no-such-path", 200, 0.002)
+
+    scraper = threading.Thread(target=scraping)
+    scraper.start()
+    servers = [threading.Thread(target=serving, args=(thread,)) for thread in range(THREADS)]
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.join()
+    done.set()
+    scraper.join()
+    metrics.close()
+
+    counted = samples(metrics)
+    total = THREADS * REQUESTS
+    requests = "mnist_serving_requests_total"
+    assert counted[(requests, (("path", "/invocations"), ("status", "200")))] == total * 4 / 5
+    assert counted[(requests, (("path", "other"), ("status", "200")))] == total / 5
+    for digit in range(10):
+        assert counted[("mnist_serving_predictions_total", (("digit", str(digit)),))] == total / 10
+    top = "mnist_serving_top_probability"
+    assert counted[(f"{top}_count", ())] == total
+    assert counted[(f"{top}_bucket", (("le", "0.9"),))] == 0
+    assert counted[(f"{top}_bucket", (("le", "0.95"),))] == total
+    latency = "mnist_serving_request_duration_seconds_count"
+    assert counted[(latency, (("path", "/invocations"),))] == total * 4 / 5
+
+
+def test_a_process_remembers_at_least_the_last_half_of_its_window_and_never_more(monkeypatch):
+    monkeypatch.setattr(feedback, "RECENT_REQUESTS", 10)
+    desk = FeedbackDesk(None, None)
+    for number in range(1, 24):
+        desk.remember(f"request-{number}", number)
+        remembered = [n for n in range(1, number + 1) if desk.recent_images(f"request-{n}")]
+        assert len(remembered) <= 10
+        assert remembered == list(range(number - len(remembered) + 1, number + 1))
+        assert len(remembered) >= min(number, 5)
+    assert desk.recent_images("request-23") == 23
+    assert desk.recent_images("request-1") is None
+    assert desk.recent_images("never-sent") is None
