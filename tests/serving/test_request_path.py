@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_mlops.serving import feedback
@@ -26,6 +28,7 @@ def test_counts_added_while_the_flush_thread_and_scrapes_run_are_each_counted_on
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     metrics = ServerMetrics(ServedModel("models:/mnist@champion", "mnist", "3", "run", "onnx"))
     done = threading.Event()
+    expected = [Counter() for _ in range(THREADS)]
 
     def scraping() -> None:
         while not done.is_set():
@@ -36,8 +39,17 @@ def test_counts_added_while_the_flush_thread_and_scrapes_run_are_each_counted_on
             digit = (thread + number) % 10
             probabilities = [0.01] * 10
             probabilities[digit] = 0.91
-            metrics.answered([{"digit": digit, "probabilities": probabilities}])
-            metrics.request("/invocations" if number % 5 else "/no-such-path", 200, 0.002)
+            answer = {"digit": digit, "probabilities": probabilities}
+            path = "/invocations" if number % 5 else "/no-such-path"
+            metrics.request(path, 200, 0.002, [(None, [answer])])
+            expected[thread][digit] += 1
+            if number % 10 == 0:  # failed after the model answered: its answer is not counted
+                metrics.request("/invocations", 500, 0.3, [(None, [answer])])
+            if number % 50 == 0:  # two batches in one request, three images
+                metrics.request(
+                    "/invocations", 200, 0.002, [(None, [answer, answer]), (None, [answer])]
+                )
+                expected[thread][digit] += 3
 
     scraper = threading.Thread(target=scraping)
     scraper.start()
@@ -53,16 +65,30 @@ def test_counts_added_while_the_flush_thread_and_scrapes_run_are_each_counted_on
     counted = samples(metrics)
     total = THREADS * REQUESTS
     requests = "mnist_serving_requests_total"
-    assert counted[(requests, (("path", "/invocations"), ("status", "200")))] == total * 4 / 5
+    assert (
+        counted[(requests, (("path", "/invocations"), ("status", "200")))]
+        == total * 4 / 5 + total / 50
+    )
     assert counted[(requests, (("path", "other"), ("status", "200")))] == total / 5
+    assert counted[(requests, (("path", "/invocations"), ("status", "500")))] == total / 10
+    images = sum(expected, Counter())
     for digit in range(10):
-        assert counted[("mnist_serving_predictions_total", (("digit", str(digit)),))] == total / 10
+        assert (
+            counted[("mnist_serving_predictions_total", (("digit", str(digit)),))] == images[digit]
+        )
     top = "mnist_serving_top_probability"
-    assert counted[(f"{top}_count", ())] == total
+    assert counted[(f"{top}_count", ())] == images.total() == total + 3 * total / 50
     assert counted[(f"{top}_bucket", (("le", "0.9"),))] == 0
-    assert counted[(f"{top}_bucket", (("le", "0.95"),))] == total
-    latency = "mnist_serving_request_duration_seconds_count"
-    assert counted[(latency, (("path", "/invocations"),))] == total * 4 / 5
+    assert counted[(f"{top}_bucket", (("le", "0.95"),))] == images.total()
+    assert counted[(f"{top}_sum", ())] == pytest.approx(0.91 * images.total())
+    latency = "mnist_serving_request_duration_seconds"
+    assert counted[(f"{latency}_count", (("path", "/invocations"),))] == total * (
+        4 / 5 + 1 / 10 + 1 / 50
+    )
+    assert counted[(f"{latency}_bucket", (("le", "0.0025"), ("path", "other")))] == total / 5
+    assert counted[(f"{latency}_bucket", (("le", "0.25"), ("path", "/invocations")))] == total * (
+        4 / 5 + 1 / 50
+    )
 
 
 def test_a_process_remembers_at_least_the_last_half_of_its_window_and_never_more(monkeypatch):

@@ -169,7 +169,7 @@ class ObservedApp:
             # worker's /metrics next finds its request counted.
             nonlocal counted
             if not counted and self.metrics is not None:
-                self.metrics.request(path, status, time.perf_counter() - started)
+                self.metrics.request(path, status, time.perf_counter() - started, answers)
             counted = True
 
         async def answer(message) -> None:
@@ -255,8 +255,6 @@ class ObservedApp:
 
     def _answered(self, request_id: str, client_id: str, answers: list, version: str) -> None:
         for images, predictions in answers:
-            if self.metrics is not None:
-                self.metrics.answered(predictions)
             if self.log is not None and self.log.submit_rows(
                 request_id, images, predictions, version, client_id
             ):
