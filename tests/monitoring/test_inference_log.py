@@ -82,6 +82,33 @@ def test_rows_are_written_once_merged_and_read_back_exactly(tmp_path):
     assert any("-" in path.stem.split("-", 2)[2] for path in log_files(tmp_path, "rows"))
 
 
+def test_each_flush_writes_its_own_rounded_pixels_though_the_writer_reuses_its_arrays(tmp_path):
+    log = InferenceLog(LogSettings(tmp_path, flush_seconds=3600), "mnist-classifier", "3")
+    rng = np.random.default_rng(7)
+    flushes = [
+        {f"big-{n}": rng.uniform(-3, 258, (1, 28, 28)).astype(np.float32) for n in range(40)},
+        {"small": np.full((1, 28, 28), 254.5, np.float32)},
+        {
+            f"mixed-{n}": rng.uniform(0, 255, (n % 3 + 1, 28, 28)).astype(np.float32)
+            for n in range(5)
+        },
+    ]
+    for flush in flushes:
+        batch = [(request_id, images) for request_id, images in flush.items()]
+        for request_id, images in batch:
+            assert log.submit_rows(request_id, images, answers_for(images))
+        log._write([log._pending.popleft() for _ in range(len(batch))])
+    log.close()
+    rows = read_rows(tmp_path)
+    for flush in flushes:
+        for request_id, images in flush.items():
+            mine = rows["request_id"] == request_id
+            expected = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+            assert np.array_equal(rows["pixels"][mine], expected)
+            assert rows["position"][mine].tolist() == list(range(len(images)))
+    assert rows["pixels"][rows["request_id"] == "small"].max() == 254  # halves round to even
+
+
 def test_queued_rows_give_the_garbage_collector_nothing_to_track(tmp_path):
     """A second of a busy server's rows waits in the queue as arrays, numbers and strings.
 

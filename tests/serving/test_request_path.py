@@ -1,15 +1,17 @@
-"""What a request leaves behind, in one process: its counts and the memory of its id."""
+"""What a request leaves behind in its process: its counts, and the log's memory of its id."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mnist_mlops.serving import feedback
-from mnist_mlops.serving.feedback import FeedbackDesk
+from mnist_mlops.monitoring.inference_log import InferenceLog, LogSettings
+from mnist_mlops.monitoring.log_rows import RecentRequests
 from mnist_mlops.serving.metrics import ServedModel, ServerMetrics
 
 THREADS, REQUESTS = 4, 5_000
@@ -91,15 +93,30 @@ def test_counts_added_while_the_flush_thread_and_scrapes_run_are_each_counted_on
     )
 
 
-def test_a_process_remembers_at_least_the_last_half_of_its_window_and_never_more(monkeypatch):
-    monkeypatch.setattr(feedback, "RECENT_REQUESTS", 10)
-    desk = FeedbackDesk(None, None)
-    for number in range(1, 24):
-        desk.remember(f"request-{number}", number)
-        remembered = [n for n in range(1, number + 1) if desk.recent_images(f"request-{n}")]
-        assert len(remembered) <= 10
-        assert remembered == list(range(number - len(remembered) + 1, number + 1))
-        assert len(remembered) >= min(number, 5)
-    assert desk.recent_images("request-23") == 23
-    assert desk.recent_images("request-1") is None
-    assert desk.recent_images("never-sent") is None
+def test_a_log_remembers_what_it_queued_and_at_least_the_last_half_of_its_window(tmp_path):
+    log = InferenceLog(LogSettings(tmp_path / "log", flush_seconds=0.05), "mnist", "1")
+    log.recent = RecentRequests(most=10)
+    try:
+        for number in range(1, 24):
+            images = np.zeros((number % 3 + 1, 28, 28), np.float32)
+            answers = [{"digit": 0, "probabilities": [1.0] + [0.0] * 9}] * len(images)
+            assert log.submit_rows(f"request-{number}", images, answers)
+            # Found at once, queued or written: feedback may come the moment the answer does.
+            assert log.images_of(f"request-{number}") == number % 3 + 1
+            if number % 4 == 0:
+                wait_until_written(log)
+                remembered = [n for n in range(1, number + 1) if log.images_of(f"request-{n}")]
+                assert len(remembered) <= 10
+                assert remembered == list(range(number - len(remembered) + 1, number + 1))
+                assert len(remembered) >= min(number, 5)
+        assert log.images_of("request-1") is None
+        assert log.images_of("never-sent") is None
+    finally:
+        log.close()
+
+
+def wait_until_written(log: InferenceLog) -> None:
+    deadline = time.monotonic() + 30
+    while log._pending:
+        assert time.monotonic() < deadline, "the writer took nothing from its queue"
+        time.sleep(0.01)

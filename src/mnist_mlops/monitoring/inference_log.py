@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 from mnist_mlops.atomic import atomic_path
-from mnist_mlops.monitoring.features import image_features
 from mnist_mlops.monitoring.log_files import (
     FEEDBACK,
     ROWS,
@@ -50,6 +49,7 @@ from mnist_mlops.monitoring.log_files import (
     save_feedback,
     writer_id,
 )
+from mnist_mlops.monitoring.log_rows import RecentRequests, Scratch, rows_arrays
 from mnist_mlops.monitoring.log_store import is_remote, location, store_of
 from mnist_mlops.monitoring.spool import Shipper
 
@@ -120,6 +120,7 @@ class InferenceLog:
         # per request cost 7 % of the throughput with 8 clients); drained once per flush.
         self._pending: collections.deque = collections.deque()
         self._sample_rate, self._queue_requests = settings.sample_rate, settings.queue_requests
+        self.recent, self._scratch = RecentRequests(), Scratch()  # log_rows.py
         self._stop = threading.Event()
         self._sequence = {ROWS: 0, FEEDBACK: 0}
         self._last_warning = 0.0
@@ -172,6 +173,14 @@ class InferenceLog:
         )
         return True
 
+    def images_of(self, request_id: str) -> int | None:
+        """How many images a request this log took lately had (queued or written); or None."""
+        found = None
+        for item in list(self._pending):
+            if item[0] == ROWS and item[1] == request_id:
+                found = len(item[3])
+        return self.recent.get(request_id) if found is None else found
+
     def submit_feedback(self, request_id: str, digits: list[int]) -> bool:
         if len(self._pending) >= self._queue_requests:
             self._dropped(0, FULL)
@@ -190,9 +199,12 @@ class InferenceLog:
         stopping = False
         while not stopping:
             stopping = self._stop.wait(self.settings.flush_seconds)
-            batch, taken = [], time.time()
-            while self._pending:
-                batch.append(self._pending.popleft())
+            taken = time.time()
+            # Remembered before they leave the queue: `images_of` looks in the queue first.
+            batch = list(self._pending)
+            self.recent.add(batch)
+            for _ in range(len(batch)):
+                self._pending.popleft()
             self._write(batch)
             if self._shipper is not None:
                 self._shipper.wake()
@@ -218,7 +230,8 @@ class InferenceLog:
         for version, rows in by_version.items():
             count = sum(len(item[3]) for item in rows)
             try:
-                self._save(ROWS, self._rows_arrays(rows, version))
+                pixels = self.settings.pixels
+                self._save(ROWS, rows_arrays(rows, self._scratch, self.model_name, version, pixels))
                 self.on_written(count)
             except (OSError, ValueError) as error:
                 self._dropped(count, f"cannot write the inference log: {error}")
@@ -227,35 +240,6 @@ class InferenceLog:
                 self._save(FEEDBACK, feedback_arrays(feedback))
             except (OSError, ValueError) as error:
                 self._warn(f"cannot write feedback to the inference log: {error}; it is dropped")
-
-    def _rows_arrays(self, rows: list[tuple], version: str) -> dict[str, np.ndarray]:
-        # Whole arrays, not one per request; one float array rounded and clipped in place:
-        # each fresh array of a second's images is megabytes of new pages, costlier than math.
-        images = np.concatenate([item[3] for item in rows], dtype=np.float32)
-        np.rint(images, out=images)
-        np.clip(images, 0, 255, out=images)
-        pixels = images.astype(np.uint8)
-        counts = np.array([len(item[3]) for item in rows])
-        firsts = np.repeat(np.cumsum(counts) - counts, counts)
-        arrays = {
-            "request_id": np.repeat(np.array([item[1] for item in rows]), counts),
-            "client_request_id": np.repeat(np.array([item[5] for item in rows], dtype=str), counts),
-            "position": (np.arange(len(images)) - firsts).astype(np.int16),
-            "time": np.repeat(np.array([item[2] for item in rows], dtype=np.float64), counts),
-            "probabilities": np.fromiter(
-                chain.from_iterable(item[6:] for item in rows),
-                np.float32,
-                sum(len(item) - 6 for item in rows),
-            ).reshape(len(images), -1),
-            "model_name": np.array(self.model_name),
-            "model_version": np.array(version),
-        }
-        arrays["digit"] = arrays["probabilities"].argmax(axis=1).astype(np.int8)
-        if self.settings.pixels:
-            arrays["pixels"] = pixels
-        else:
-            arrays["features"] = image_features(pixels)
-        return arrays
 
     def _save(self, kind: str, arrays: dict[str, np.ndarray]) -> None:
         if self._shipper is not None and self._shipper.backlog() >= self.settings.spool_bytes:

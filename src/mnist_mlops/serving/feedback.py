@@ -23,12 +23,10 @@ from pathlib import Path
 
 from mnist_mlops.monitoring.inference_log import REQUEST_ID
 from mnist_mlops.monitoring.log_files import written_past
+from mnist_mlops.monitoring.log_rows import RECENT_REQUESTS
 from mnist_mlops.serving.exchange import error_body, issued_at, read_body
 from mnist_mlops.serving.proxy import MAX_FEEDBACK_BYTES
 
-# Requests this process logged, for feedback that comes back to it soon: the last
-# RECENT_REQUESTS / 2 at least, and this many at most.
-RECENT_REQUESTS = 100_000
 # How long after its rows should be in the log a request is still waited for.
 LOGGED_WITHIN_SECONDS = 5.0
 
@@ -90,23 +88,8 @@ class FeedbackDesk:
 
     def __init__(self, log, index, siblings: str = "") -> None:
         self.log, self.index = log, index
-        # Two plain dicts, the newer filled until it holds half, then the older dropped: one
-        # insert a request, where an OrderedDict's insert and eviction cost 2 µs in the server.
-        self._recent: dict[str, int] = {}
-        self._older: dict[str, int] = {}
         self._feedback_seen = SharedSeen(siblings) if siblings and log is not None else Seen()
         self._index_lock = threading.Lock()
-
-    def remember(self, request_id: str, images: int) -> None:
-        recent = self._recent
-        recent[request_id] = images
-        if len(recent) >= RECENT_REQUESTS // 2:
-            self._older, self._recent = recent, {}
-
-    def recent_images(self, request_id: str) -> int | None:
-        """How many images a request this process answered lately had; None if not one."""
-        images = self._recent.get(request_id)
-        return self._older.get(request_id) if images is None else images
 
     async def take(self, scope, receive) -> tuple[int, dict]:
         if scope["method"] != "POST":
@@ -128,7 +111,7 @@ class FeedbackDesk:
         if problem:
             return 400, error_body("INVALID_PARAMETER_VALUE", problem)
         request_id, digits = feedback["request_id"], feedback["digits"]
-        images, settled = self.recent_images(request_id), True
+        images, settled = self.log.images_of(request_id), True
         if images is None:
             images, settled = await self._logged_images(request_id)
         if images is None:

@@ -188,7 +188,7 @@ class ServerMetrics:
         if status == 200 and len(answers) == 1 and len(answers[0][1]) == 1:
             first = answers[0][1][0]
             self._requests.append(
-                (path, status, seconds, first["digit"], max(first["probabilities"]))
+                (path, status, seconds, first["digit"], first["probabilities"][first["digit"]])
             )
             return
         self._requests.append((path, status, seconds, None, None))
@@ -198,7 +198,8 @@ class ServerMetrics:
 
     def answered(self, predictions: list[dict]) -> None:
         for prediction in predictions:
-            self._answers.append((prediction["digit"], max(prediction["probabilities"])))
+            digit = prediction["digit"]
+            self._answers.append((digit, prediction["probabilities"][digit]))
 
     def flush(self) -> None:
         """Move the counts of the requests answered since the last flush into the metrics."""

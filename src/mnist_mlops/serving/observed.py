@@ -6,8 +6,8 @@ the answer's `X-Request-ID`; a client's own `X-Request-ID` comes back as
 `X-Client-Request-ID` and is logged with the rows, but never names them,
 so two clients cannot make their requests collide. The model's `predict`
 hands its input and answer to the request it serves; just before the
-answer goes out, the request is remembered for feedback and its images
-are counted and queued for the inference log: nothing waits for the disk.
+answer goes out, its images are counted and queued for the inference log,
+whose writer remembers the request for feedback: nothing waits for the disk.
 The boundary's limits (`guard.py`) run before a byte of the body is
 parsed, and an error answer never carries a stack trace. `POST /feedback`
 (feedback.py) takes one true digit per image of a request, in order.
@@ -254,11 +254,9 @@ class ObservedApp:
         await current.app(scope, replay(body, receive), answer)
 
     def _answered(self, request_id: str, client_id: str, answers: list, version: str) -> None:
-        for images, predictions in answers:
-            if self.log is not None and self.log.submit_rows(
-                request_id, images, predictions, version, client_id
-            ):
-                self.desk.remember(request_id, len(images))
+        if self.log is not None:
+            for images, predictions in answers:
+                self.log.submit_rows(request_id, images, predictions, version, client_id)
 
     def close(self) -> None:
         if self.follower is not None:
