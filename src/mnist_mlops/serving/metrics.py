@@ -155,7 +155,7 @@ class ServerMetrics:
         self._digits = [self.predictions.labels(digit=str(digit)) for digit in range(10)]
         # What each request adds waits in two deques (append and popleft are atomic, no lock):
         # in the server, every object a request touches is out of the cache by the next
-        # request, so one append costs a tenth of a lock and two counts (4.5 µs).
+        # request, and counting one took 4.6 µs there with a lock and dicts, 1.7 as an append.
         self._requests: deque = deque()  # (path, status, seconds, digit, top probability)
         self._answers: deque = deque()  # (digit, top probability), one per image
         self._flushing_lock = threading.Lock()  # the thread's flush and a scrape's, one at a time
